@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "train": "Train an RPN on pseudo-labels and save it with RPN.save_pretrained.",
     "eval": "Evaluate methods on a benchmark: metric, samples/s, visual tokens; plot the trade-off.",
     "bench": "Run the speed benchmarks (kernels, end-to-end generation, distillation).",
+    "testbed": "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA.",
 }
 
 DESCRIPTION = """\

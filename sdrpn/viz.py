@@ -2,7 +2,8 @@
 
 Left: the source image with the RoI probability map overlaid as a heatmap, the contour of the
 thresholded mask and the RoI boxes. Right: the zoomed crop the model saw in stage 2. Below: the
-question and the answers with and without SD-RPN. Drawn with PIL only.
+question and the answers with and without SD-RPN. Drawn with PIL only; :func:`roi_figure` fills
+the figure from an engine's answers.
 
 The figure has a fixed size for a given ``size`` (see :func:`figure_size`): both panels are
 ``size`` x ``size`` with the images letterboxed inside, and the caption has a fixed number of
@@ -58,6 +59,58 @@ class RoIFigure:
     answer_with: str = ""
     answer_without: str | None = None
     details: str = ""
+
+
+def _seen_crop(image: Image.Image, crop_box, cells: np.ndarray, extent, masked: bool) -> Image.Image:
+    """The source crop of the RoI view; with masked upscaling, cells whose tokens were dropped are dimmed."""
+    region = image.crop(crop_box)
+    if not masked:
+        return region
+    x0, y0, x1, y1 = (round(v) for v in extent)
+    cell_mask = Image.fromarray(cells.astype("uint8") * 255).resize((max(1, x1 - x0), max(1, y1 - y0)),
+                                                                    Image.NEAREST)
+    full = Image.new("L", image.size, 0)
+    full.paste(cell_mask, (x0, y0))
+    dimmed = Image.blend(region, Image.new("RGB", region.size, (0, 0, 0)), 0.65)
+    return Image.composite(region, dimmed, full.crop(crop_box))
+
+
+def roi_figure(engine, image: Image.Image, question: str, with_rpn, without, threshold: float,
+               latency_s: float, prompt: str | None = None) -> RoIFigure:
+    """The figure of one question an :class:`sdrpn.SDRPN` engine answered with and without SD-RPN.
+
+    Args:
+        engine: the engine; its stage 1 runs again here for the probability map, mask and crop.
+        image: the source image.
+        question: the question shown in the caption.
+        with_rpn, without: the :class:`~sdrpn.eval.runner.Prediction` of ``sdrpn`` and ``baseline``.
+        threshold: the RoI threshold ``with_rpn`` was answered with.
+        latency_s: the latency of ``with_rpn``.
+        prompt: the text the engine was sent, where it differs from ``question`` (e.g. it carries
+            an answer-format instruction); the map must be that prompt's.
+    """
+    import torch
+
+    from .roi import MODE_MASK
+
+    inputs = engine.processor(images=[image], text=[engine._prompt(prompt or question)], return_tensors="pt")
+    inputs = {name: value.to(engine.adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
+    roi = engine.predict_roi(**inputs, images=[image], threshold=threshold)
+    rows, cols = engine.adapter.image_grid
+    extent = engine.adapter.geometry.transform(image.size).grid_to_source((0, 0, cols, rows), (rows, cols),
+                                                                           clip=False)
+    mode = int(roi.mode[0])
+    crop = None
+    if mode > 0:
+        crop_box = tuple(int(v) for v in roi.crops[0].tolist())
+        crop = _seen_crop(image, crop_box, roi.cells[0].cpu().numpy(), extent, masked=mode == MODE_MASK)
+    return RoIFigure(
+        image=image, probability=roi.prob[0].float().cpu().numpy(), mask=roi.mask[0].cpu().numpy(),
+        grid_extent=extent, boxes=with_rpn.boxes, crop=crop, question=question,
+        answer_with=with_rpn.text, answer_without=without.text,
+        details=(f"threshold {threshold:g} · visual tokens {without.visual_tokens} -> {with_rpn.visual_tokens} · "
+                 f"latency {latency_s:.2f} s with SD-RPN"),
+    )
 
 
 def _font(size: int):

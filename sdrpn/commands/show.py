@@ -36,22 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="answer length limit (default 128)")
 
 
-def _seen_crop(image, crop_box, cells, extent, masked: bool):
-    """The source crop of the RoI view; with masked upscaling, cells whose tokens were dropped are dimmed."""
-    from PIL import Image
-
-    region = image.crop(crop_box)
-    if not masked:
-        return region
-    x0, y0, x1, y1 = (round(v) for v in extent)
-    cell_mask = Image.fromarray(cells.astype("uint8") * 255).resize((max(1, x1 - x0), max(1, y1 - y0)),
-                                                                    Image.NEAREST)
-    full = Image.new("L", image.size, 0)
-    full.paste(cell_mask, (x0, y0))
-    dimmed = Image.blend(region, Image.new("RGB", region.size, (0, 0, 0)), 0.65)
-    return Image.composite(region, dimmed, full.crop(crop_box))
-
-
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: the picture is written as PNG; name it *.png")
@@ -61,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if not question:
         raise UserError("--question is empty")
 
-    import torch
-
     from ..eval.datasets import open_image
     from ..eval.predictors import EnginePredictor, build_engine
-    from ..roi import MODE_MASK
-    from ..viz import RoIFigure, render
+    from ..viz import render, roi_figure
     from .common import load_model, load_rpn
 
     image = open_image(args.image)
@@ -75,28 +56,9 @@ def run(args: argparse.Namespace) -> int:
     with_rpn = EnginePredictor(engine, "sdrpn", threshold=args.threshold, max_new_tokens=args.max_new_tokens)
     without = EnginePredictor(engine, "baseline", max_new_tokens=args.max_new_tokens)
     answer = with_rpn.run([image], [question])
-    plain = without.run([image], [question]).predictions[0]
-
-    inputs = processor(images=[image], text=[engine._prompt(question)], return_tensors="pt")
-    inputs = {name: value.to(engine.adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
-    roi = engine.predict_roi(**inputs, images=[image], threshold=args.threshold)
-    rows, cols = engine.adapter.image_grid
-    extent = engine.adapter.geometry.transform(image.size).grid_to_source((0, 0, cols, rows), (rows, cols),
-                                                                           clip=False)
-    mode = int(roi.mode[0])
-    crop = None
-    if mode > 0:
-        crop_box = tuple(int(v) for v in roi.crops[0].tolist())
-        crop = _seen_crop(image, crop_box, roi.cells[0].cpu().numpy(), extent, masked=mode == MODE_MASK)
     prediction = answer.predictions[0]
-    threshold = with_rpn.settings["threshold"]
-    figure = RoIFigure(
-        image=image, probability=roi.prob[0].float().cpu().numpy(), mask=roi.mask[0].cpu().numpy(),
-        grid_extent=extent, boxes=prediction.boxes, crop=crop, question=question,
-        answer_with=prediction.text, answer_without=plain.text,
-        details=(f"threshold {threshold:g} · visual tokens {plain.visual_tokens} -> {prediction.visual_tokens} · "
-                 f"latency {answer.latency_s:.2f} s with SD-RPN"),
-    )
+    plain = without.run([image], [question]).predictions[0]
+    figure = roi_figure(engine, image, question, prediction, plain, with_rpn.settings["threshold"], answer.latency_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     render(figure, size=args.size).save(args.out)
     print(f"with SD-RPN: {prediction.text}")

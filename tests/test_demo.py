@@ -1,0 +1,82 @@
+"""``sdrpn demo`` on an untrained testbed-sized LLaVA saved by the test, and without the shipped assets."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdrpn.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The testbed's tiny LLaVA (untrained) and an RPN at K = 4, T = 3, saved like the shipped ones."""
+    from sdrpn import RPN
+    from sdrpn.testbed.tiny_model import build_model, build_processor
+
+    root = tmp_path_factory.mktemp("demo")
+    model = build_model()
+    model.save_pretrained(root / "model")
+    build_processor().save_pretrained(root / "model")
+    RPN.from_model(model, 4, 3).save_pretrained(root / "rpn")
+    return root
+
+
+def test_demo_prints_the_table_and_writes_the_pictures(capsys, checkpoint, tmp_path):
+    from PIL import Image
+
+    from sdrpn.data.synthetic import split_sample
+    from sdrpn.viz import figure_size
+
+    out = tmp_path / "demo"
+    status = main(["demo", "--model", str(checkpoint / "model"), "--rpn", str(checkpoint / "rpn"),
+                   "--questions", "2", "--out", str(out), "--device", "cpu", "--max-new-tokens", "3"])
+    printed, err = capsys.readouterr()
+    print(printed)  # the demo's output, for `pytest -s`
+    assert status == 0, err
+    lines = printed.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("#  question"))
+    assert "baseline" in lines[header] and "SD-RPN" in lines[header] and "latency ms" in lines[header]
+    for index in range(2):
+        sample = split_sample(0, "test", index)
+        row = lines[header + 1 + index]
+        assert row.startswith(f"{index}  {sample.question}") and f"  {sample.answer}  " in row
+        assert row.count("(right)") + row.count("(wrong)") == 2  # both methods' answers, marked
+        assert "144 / " in row  # the baseline reads the 12 x 12 grid only
+    summary = next(line for line in lines if line.startswith("baseline "))
+    assert "/2 right" in summary and "SD-RPN " in summary and "mean latency" in summary
+    with Image.open(out / "roi.png") as picture:
+        assert picture.format == "PNG" and picture.size == figure_size(512)
+    for index in range(2):
+        with Image.open(out / "images" / f"{index}.png") as image:
+            assert image.size == split_sample(0, "test", index).image.size
+
+
+def test_missing_shipped_assets_are_a_one_line_error(capsys, monkeypatch, tmp_path):
+    from sdrpn.testbed import shipped
+
+    monkeypatch.setattr(shipped, "SHIPPED_MODEL", tmp_path / "tiny-llava")
+    monkeypatch.setattr(shipped, "SHIPPED_RPN", tmp_path / "tiny-llava-rpn")
+    status = main(["demo", "--out", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("sdrpn demo: error: the shipped tiny model is missing")
+    assert str(tmp_path / "tiny-llava") in err and "sdrpn testbed train-model" in err
+    assert not (tmp_path / "out").exists()  # nothing is written before the model loads
+
+    (tmp_path / "tiny-llava").mkdir()
+    main(["demo"])
+    _, err = capsys.readouterr()
+    assert "the shipped tiny model's RPN is missing" in err and "sdrpn testbed run" in err
+
+
+def test_shipped_paths_live_in_the_package():
+    from pathlib import Path
+
+    import sdrpn
+    from sdrpn.testbed.shipped import SHIPPED_MODEL, SHIPPED_RPN
+
+    package = Path(sdrpn.__file__).resolve().parent
+    assert SHIPPED_MODEL.is_relative_to(package) and SHIPPED_RPN.is_relative_to(package)
+    assert SHIPPED_MODEL.parts[-3:] == ("testbed", "assets", "tiny-llava")
+    assert SHIPPED_RPN.parts[-3:] == ("testbed", "assets", "tiny-llava-rpn")
