@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
 
 from sdrpn import RPN
-from sdrpn.distill.labels import IGNORE_INDEX
+from sdrpn.distill.labels import IGNORE_INDEX, assign_labels
 from sdrpn.distill.train import (
     CHECKPOINT_NAME,
+    LabelSet,
     TrainOptions,
+    TrainSample,
     bce_sum,
     epoch_order,
+    keep_sink_labels,
     lr_factor,
     read_label_set,
     roi_statistics,
     split_held_out,
     train_rpn,
+    training_samples,
+    training_target,
 )
 from sdrpn.errors import UserError
 from test_label_job import Labeller, label_options, read_records, run_label_job, sharpened_tiny_llava, \
@@ -45,6 +52,62 @@ def test_bce_and_iou_skip_ignored_cells():
     stats = roi_statistics(logits, labels, 0.5)
     # predicted fg: (0,0), (0,2), (1,1); labelled fg: (0,0), (1,1), (1,2); the ignored 100.0 does not count.
     assert stats["intersection"] == 2 and stats["union"] == 4
+
+
+# The label rules of a hand-built 4x4 label run (assign_labels' defaults).
+RULES = dict(tau_fg=0.2, tau_bg=0.1, max_box_frac=0.5, min_peak=0.0, blur_box=False)
+
+
+def hand_built_sample(grounding: dict[int, float], sinks: Sequence[int]) -> TrainSample:
+    """A 4x4 sample labelled as `sdrpn label` does: 0.01 grounding except on the flat cells of
+    ``grounding``, sink tokens at ``sinks``."""
+    values = torch.full((16,), 0.01)
+    values[list(grounding)] = torch.tensor(list(grounding.values()))
+    sink = torch.zeros(16, dtype=torch.bool)
+    sink[list(sinks)] = True
+    stored = values.half()
+    labels = assign_labels(stored.float(), sink, (4, 4), **RULES).to(torch.int8)
+    return TrainSample(0, "q", "image.png", labels, stored, sink)
+
+
+def hand_built_set(*samples: TrainSample) -> LabelSet:
+    return LabelSet(list(samples), {"options": {"heads": [[1, 2]], **RULES}}, Path("."))
+
+
+def test_attention_target_is_the_grounding_over_its_peak_without_sinks():
+    sample = hand_built_sample({0: 0.8, 5: 0.4, 6: 0.2}, sinks=[0])  # the sink has the max
+    grounding = sample.grounding.float()
+    expected = grounding.clone()
+    expected[0] = 0.0
+    expected /= grounding[5]
+    torch.testing.assert_close(training_target(sample, "attention"), expected)
+    assert training_target(sample, "labels").tolist() == sample.labels.flatten().float().tolist()
+
+    # With the sinks kept the target keeps the sink's value: it is the peak.
+    (kept,) = training_samples(hand_built_set(sample), keep_sinks=True)
+    torch.testing.assert_close(training_target(kept, "attention"), grounding / grounding[0])
+
+
+def test_keep_sinks_recomputes_the_labels_without_sink_removal(labelled):
+    peak_on_sink = hand_built_sample({0: 0.8, 5: 0.4, 6: 0.2}, sinks=[0])
+    # Two sinks in opposite corners: with them kept the foreground box covers the grid.
+    spread_by_sinks = hand_built_sample({0: 0.9, 15: 0.9, 5: 0.4}, sinks=[0, 15])
+    label_set = hand_built_set(peak_on_sink, spread_by_sinks)
+    (kept,) = training_samples(label_set, keep_sinks=True)  # the second became invalid and is dropped
+    no_sink = torch.zeros(16, dtype=torch.bool)
+    assert torch.equal(kept.labels.long(), assign_labels(peak_on_sink.grounding.float(), no_sink, (4, 4), **RULES))
+    assert not torch.equal(kept.labels, peak_on_sink.labels) and not kept.sink.any()
+    assert len(training_samples(label_set, keep_sinks=False)) == 2
+
+    # On a real label run: the rules are read from its run.json.
+    label_set = read_label_set(labelled)
+    relabelled = keep_sink_labels(label_set.samples, label_set.settings)
+    grounding = torch.stack([sample.grounding for sample in label_set.samples]).float()
+    rules = {key: label_set.settings["options"][key] for key in RULES}
+    expected = assign_labels(grounding, torch.zeros_like(grounding, dtype=torch.bool), (12, 12), **rules)
+    assert torch.equal(torch.stack([sample.labels for sample in relabelled]).long(), expected)
+    with pytest.raises(UserError, match="lacks tau_fg"):
+        keep_sink_labels(label_set.samples, {"options": {}})
 
 
 def test_split_and_order_are_deterministic():
@@ -86,6 +149,25 @@ def test_training_lowers_the_loss_and_beats_the_untrained_rpn(labelled, tmp_path
     for name, tensor in result.rpn.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.float())
     assert loaded.config["labels"]["heads"] == [[1, 2]]
+    assert loaded.config["labels"]["target"] == "labels" and loaded.config["labels"]["keep_sinks"] is False
+
+
+def test_attention_target_trains_is_recorded_and_does_not_resume_as_labels(labelled, tmp_path):
+    label_set = read_label_set(labelled)
+    options = dict(**OPTIONS, epochs=6, keep_sinks=True)
+    result = train_rpn(*sharpened_tiny_llava(), label_set, tmp_path / "rpn",
+                       TrainOptions(**options, target="attention"), progress=False)
+    losses = [entry["loss"] for entry in result.history]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    # The held-out metrics are still those of the 3-valued labels, on the same samples.
+    before, after = result.evaluations[0], result.evaluations[-1]
+    assert after["held_out_samples"] == 8 and after["held_out_bce"] < before["held_out_bce"]
+
+    config = RPN.from_pretrained(tmp_path / "rpn", sharpened_tiny_llava()[0]).config
+    assert config["labels"]["target"] == "attention" and config["labels"]["keep_sinks"] is True
+    with pytest.raises(UserError, match="other settings"):
+        train_rpn(*sharpened_tiny_llava(), label_set, tmp_path / "rpn", TrainOptions(**options, target="labels"),
+                  progress=False)
 
 
 def test_resume_continues_exactly(labelled, tmp_path):
@@ -123,6 +205,9 @@ def test_options_are_checked(labelled, tmp_path):
     label_set = read_label_set(labelled)
     with pytest.raises(UserError, match="must lie in the model's 6 layers"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(start_layer=5, num_blocks=2),
+                  progress=False)
+    with pytest.raises(UserError, match="expected one of labels, attention"):
+        train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**OPTIONS, target="raw"),
                   progress=False)
     with pytest.raises(UserError, match="do not fill one batch"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**{**OPTIONS, "batch_size": 512}),

@@ -17,7 +17,9 @@ EPILOG = """\
 --labels is the output directory of `sdrpn label`; samples with valid labels are used, a few of them
 held out for the RoI metrics (IoU of the predicted mask with the foreground labels, BCE). Rerun the
 same command to resume from the last checkpoint in --out (written every --save-every steps).
---batch-size is the global batch: processes x --grad-accum x micro-batch."""
+--batch-size is the global batch: processes x --grad-accum x micro-batch.
+--target attention and --keep-sinks are ablations; the held-out metrics still use the 3-valued
+labels (recomputed with sinks kept under --keep-sinks), on the same samples for either target."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--warmup", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
     recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
     recipe.add_argument("--seed", type=int, default=0, help="data order and held-out split (default 0)")
+    recipe.add_argument("--target", choices=("labels", "attention"), default="labels",
+                        help="what the RPN fits: the 3-valued labels, or the grounding map over its peak "
+                             "on every cell (ablation) (default labels)")
+    recipe.add_argument("--keep-sinks", action="store_true",
+                        help="do not zero attention-sink tokens: labels recomputed from the grounding (ablation)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--eval-samples", type=int, default=256,
@@ -69,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
                            max_steps=args.max_steps, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
                            eval_samples=max(args.eval_samples, 0), eval_every=args.eval_every,
-                           save_every=args.save_every, log_every=args.log_every, seed=args.seed)
+                           save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+                           target=args.target, keep_sinks=args.keep_sinks)
     label_set = read_label_set(args.labels, args.image_root)
     if not label_set.samples:
         raise UserError(f"--labels {args.labels}: no sample has valid labels")

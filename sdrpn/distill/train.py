@@ -14,13 +14,18 @@ The recipe: BCE-with-logits averaged over the non-ignored cells of the (global) 
 (0.9, 0.98), weight decay 0, cosine schedule with 3% linear warmup, gradient clipping, bf16
 autocast on GPUs. The trainable weights are kept in fp32.
 
+Two ablations of the paper's choices train on other targets made from the same shards:
+``target="attention"`` regresses the grounding map itself (a soft target on every cell) instead of
+the 3-valued labels, and ``keep_sinks`` recomputes the labels without zeroing the sink tokens. The
+held-out metrics always use the 3-valued labels of the chosen sink setting, so runs compare.
+
 Reproducible and resumable: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``, so a step number alone says which samples come next. A checkpoint (RPN, optimizer
 and schedule state, step) is written atomically every ``save_every`` steps; a rerun with the same
 settings continues from it and produces the same weights as an uninterrupted run.
 
 Under ``torchrun`` every process takes ``batch[rank::world]`` of each global batch and the RPN is
-wrapped in DistributedDataParallel; the loss is normalised by the global count of labelled cells,
+wrapped in DistributedDataParallel; the loss is normalised by the global count of target cells,
 so the loss curve is the single-process one.
 """
 
@@ -33,7 +38,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,13 +50,16 @@ from .. import distributed
 from ..errors import UserError
 from ..models.base import ModelAdapter
 from .attention import build_prompt
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, assign_labels, is_valid
 from .records import RecordProblem, open_rgb_image
 from .shards import atomic_write, read_index, read_shard
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 CHECKPOINT_FORMAT = "sdrpn-train-checkpoint/1"
+TARGETS = ("labels", "attention")
+LABEL_RULES = ("tau_fg", "tau_bg", "max_box_frac", "min_peak", "blur_box")
+RELABEL_CHUNK = 4096  # samples per assign_labels call: vectorised, yet bounded memory
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class TrainOptions:
         log_every: steps between log lines.
         seed: data order and held-out split.
         iou_threshold: sigmoid threshold of the predicted mask in the held-out IoU.
+        target: what the loss fits: ``labels`` (BCE on the non-ignored cells of the 3-valued
+            labels) or ``attention`` (BCE against the grounding map over its peak, on every cell).
+        keep_sinks: do not zero the sink tokens: labels recomputed from the grounding with an empty
+            sink mask, and an ``attention`` target that keeps the sinks' values.
     """
 
     start_layer: int = 15
@@ -91,6 +103,8 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 0
     iou_threshold: float = 0.5
+    target: str = "labels"
+    keep_sinks: bool = False
 
     def resume_settings(self) -> dict:
         """The options a resumed run must share (logging and checkpoint cadence may change)."""
@@ -107,12 +121,15 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class TrainSample:
-    """One labelled sample: which record, its question and image, and its (H, W) int8 labels."""
+    """One labelled sample: which record, its question and image, its (H, W) int8 labels, and the
+    (N,) float16 grounding map and bool sink mask they were made from."""
 
     record: int
     question: str
     image: str
     labels: torch.Tensor
+    grounding: torch.Tensor
+    sink: torch.Tensor
 
 
 @dataclass
@@ -140,8 +157,57 @@ def read_label_set(directory: str | Path, image_root: str | Path | None = None) 
             continue
         if row["shard"] not in shards:
             shards[row["shard"]] = read_shard(directory / row["shard"])[0]
-        samples.append(TrainSample(row["record"], row["question"], row["image"], shards[row["shard"]]["labels"][row["row"]]))
+        tensors, position = shards[row["shard"]], row["row"]
+        samples.append(TrainSample(row["record"], row["question"], row["image"], tensors["labels"][position],
+                                   tensors["grounding"][position].flatten(), tensors["sink"][position].flatten()))
     return LabelSet(samples, settings, root)
+
+
+def keep_sink_labels(samples: Sequence[TrainSample], settings: dict) -> list[TrainSample]:
+    """The samples as if no token were a sink: empty sink masks, and labels recomputed from the
+    stored grounding with the label run's rules (``settings``: its run.json)."""
+    options = settings.get("options", {})
+    missing = [key for key in LABEL_RULES if key not in options]
+    if missing:
+        raise UserError(f"the label run's run.json lacks {', '.join(missing)}: cannot recompute its labels "
+                        f"for --keep-sinks")
+    rules = {key: options[key] for key in LABEL_RULES}
+    relabelled = []
+    for start in range(0, len(samples), RELABEL_CHUNK):
+        chunk = samples[start:start + RELABEL_CHUNK]
+        grounding = torch.stack([sample.grounding for sample in chunk]).float()
+        no_sink = torch.zeros_like(grounding, dtype=torch.bool)
+        labels = assign_labels(grounding, no_sink, tuple(chunk[0].labels.shape), **rules).to(torch.int8)
+        relabelled += [replace(sample, labels=labels[i], sink=no_sink[i]) for i, sample in enumerate(chunk)]
+    return relabelled
+
+
+def sink_free_grounding(sample: TrainSample) -> torch.Tensor:
+    """(N,) float32 grounding with the sample's sink tokens zeroed."""
+    return sample.grounding.float().masked_fill(sample.sink, 0.0)
+
+
+def training_samples(label_set: LabelSet, keep_sinks: bool) -> list[TrainSample]:
+    """The samples a run trains and evaluates on: the label run's valid ones (relabelled by
+    :func:`keep_sink_labels` under ``keep_sinks``), less those left without valid labels or without
+    a positive grounding peak.
+
+    The set does not depend on the target, so that an ablation compares the targets on the same
+    samples; for the same reason the samples the label run marked invalid are never used, though
+    their grounding is stored.
+    """
+    samples = keep_sink_labels(label_set.samples, label_set.settings) if keep_sinks else label_set.samples
+    return [sample for sample in samples
+            if bool(is_valid(sample.labels)) and float(sink_free_grounding(sample).max()) > 0]
+
+
+def training_target(sample: TrainSample, target: str) -> torch.Tensor:
+    """(N,) float target of the loss: the labels (the loss skips their IGNORE_INDEX cells), or for
+    ``attention`` the sink-free grounding over its peak, a soft target on every cell."""
+    if target == "labels":
+        return sample.labels.flatten().float()
+    grounding = sink_free_grounding(sample)
+    return grounding / grounding.max()
 
 
 def split_held_out(samples: Sequence[TrainSample], count: int, seed: int) -> tuple[list[TrainSample], list[TrainSample]]:
@@ -263,10 +329,11 @@ class Backbone:
 # ------------------------------------------------------------------------------------------------
 
 
-def bce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed BCE-with-logits over the non-ignored cells, and their count."""
-    keep = labels != IGNORE_INDEX
-    loss = F.binary_cross_entropy_with_logits(logits.float()[keep], labels[keep].float(), reduction="sum")
+def bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed BCE-with-logits over the non-ignored cells, and their count. ``targets``: 0/1 labels
+    or soft targets in [0, 1]; cells equal to IGNORE_INDEX are skipped."""
+    keep = targets != IGNORE_INDEX
+    loss = F.binary_cross_entropy_with_logits(logits.float()[keep], targets[keep].float(), reduction="sum")
     return loss, int(keep.sum())
 
 
@@ -327,10 +394,12 @@ class Trainer:
         if options.batch_size % (world * options.grad_accum):
             raise UserError(f"--batch-size {options.batch_size} must be a multiple of processes x --grad-accum "
                             f"= {world} x {options.grad_accum}")
-        train, held_out = split_held_out(label_set.samples, min(options.eval_samples, len(label_set.samples) // 5),
-                                         options.seed)
+        if options.target not in TARGETS:
+            raise UserError(f"--target {options.target}: expected one of {', '.join(TARGETS)}")
+        samples = training_samples(label_set, options.keep_sinks)
+        train, held_out = split_held_out(samples, min(options.eval_samples, len(samples) // 5), options.seed)
         if len(train) < options.batch_size:
-            raise UserError(f"{len(train)} training samples ({len(label_set.samples)} valid, {len(held_out)} held "
+            raise UserError(f"{len(train)} training samples ({len(samples)} valid, {len(held_out)} held "
                             f"out) do not fill one batch of --batch-size {options.batch_size}")
         self.train_samples, self.held_out = train, held_out
         # Incomplete last batches are dropped: every process then runs the same number of equal
@@ -339,8 +408,9 @@ class Trainer:
         self.total_steps = options.max_steps or options.epochs * self.steps_per_epoch
         self.backbone = Backbone(model, processor, self.adapter, options.start_layer, label_set.image_root, cache_dir)
 
+        labels = {**label_set.settings.get("options", {}), "target": options.target, "keep_sinks": options.keep_sinks}
         self.rpn = RPN.from_model(self.adapter, options.start_layer, options.num_blocks,
-                                  labels=label_set.settings.get("options", {})).float().to(self.device)
+                                  labels=labels).float().to(self.device)
         self.rpn.requires_grad_(True)  # copied from the frozen model
         self.rpn.train()
         self.module = self.rpn
@@ -351,7 +421,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.rpn.parameters(), lr=options.lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, options.warmup))
-        records = hashlib.sha256(json.dumps([s.record for s in label_set.samples]).encode()).hexdigest()
+        records = hashlib.sha256(json.dumps([s.record for s in samples]).encode()).hexdigest()
         self.settings = {"format": CHECKPOINT_FORMAT, "options": options.resume_settings(),
                          "model": self.adapter.config_fingerprint(), "labels": label_set.settings,
                          "samples": records}
@@ -399,19 +469,20 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the next global batch; returns the log record."""
         batch = self._global_batch(self.step)
-        total_cells = sum(int((s.labels != IGNORE_INDEX).sum()) for s in batch)
+        targets = torch.stack([training_target(sample, self.options.target) for sample in batch])
+        total_cells = int((targets != IGNORE_INDEX).sum())
         mine = batch[self.context.rank::self.context.world_size]
+        my_targets = targets[self.context.rank::self.context.world_size]
         micro = len(mine) // self.options.grad_accum
-        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
         local_loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for number, chunk in enumerate(chunks):
-            features = self.backbone(chunk, self.device)
-            sync = number == len(chunks) - 1 or not self.context.distributed
+        for number, start in enumerate(range(0, len(mine), micro)):
+            features = self.backbone(mine[start:start + micro], self.device)
+            sync = number == self.options.grad_accum - 1 or not self.context.distributed
             with (contextlib.nullcontext() if sync else self.module.no_sync()), self._autocast():
                 logits = self.module(features.hidden.float(), features.query_index, features.image_start,
                                      features.attention_mask)
-                loss, _ = bce_sum(logits, features.labels)
+                loss, _ = bce_sum(logits, my_targets[start:start + micro].to(self.device))
                 # DDP averages gradients over processes; scale so that they add up to the global mean.
                 (loss * self.context.world_size / max(total_cells, 1)).backward()
             local_loss += float(loss.detach())
