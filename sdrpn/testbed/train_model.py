@@ -62,21 +62,24 @@ class TrainModelOptions:
         eval_every: steps between validation runs (and at the end).
         eval_samples: validation questions used.
         save_every: steps between checkpoints.
+        bf16: run the forward and backward under bfloat16 autocast (weights and optimizer stay
+            float32); about twice as fast on CPUs with AVX512-BF16 and on GPUs.
     """
 
-    steps: int = 6000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 0
     view_mix: tuple[float, float, float] = (0.3, 0.5, 0.2)
     max_grow: int = 1
-    eval_every: int = 500
+    eval_every: int = 300
     eval_samples: int = 256
     save_every: int = 200
+    bf16: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -422,7 +425,8 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
         mode = VIEW_MODES[rng.choice(len(VIEW_MODES), p=options.view_mix)]
         indices = batch_indices(step, options.batch_size, len(train), options.seed)
         batch = make_batch(train, indices, mode, processor, adapter.geometry, adapter.image_grid, rng, options.max_grow)
-        loss, correct = loss_and_correct(*answer_logits(model, adapter, batch))
+        with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+            loss, correct = loss_and_correct(*answer_logits(model, adapter, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
