@@ -244,3 +244,15 @@ def test_feature_cache_returns_what_the_backbone_computes(labelled, tmp_path):
     torch.testing.assert_close(fresh.hidden[0][fresh.attention_mask[0]], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="another model, K or dtype"):
         Backbone(model, processor, adapter, 3, label_set.image_root, tmp_path)
+
+
+def test_max_samples_keeps_the_first_usable_samples(labelled, tmp_path):
+    from sdrpn.distill.train import Trainer, training_samples
+
+    label_set = read_label_set(labelled)
+    usable = training_samples(label_set, keep_sinks=False)
+    count = OPTIONS["batch_size"] + 2
+    assert len(usable) > count  # the fixture must leave samples out for this to test anything
+    trainer = Trainer(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**OPTIONS, max_samples=count))
+    chosen = sorted(sample.record for sample in [*trainer.train_samples, *trainer.held_out])
+    assert chosen == sorted(sample.record for sample in usable[:count])

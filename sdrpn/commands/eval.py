@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="image folder, when the images are not where the benchmark's layout puts them")
     run.add_argument("--method", nargs="+", metavar="METHOD",
                      help="methods to evaluate (default: sdrpn): "
-                          "baseline, sdrpn, sdrpn-reference, res-scaling, vicrop")
+                          "baseline, sdrpn, sdrpn-reference, sdrpn-attention, res-scaling, vicrop")
+    run.add_argument("--strategy", choices=("mask", "box"), default="mask",
+                     help="RoI upscaling of the SD-RPN methods: box for one component, masked for more "
+                          "(mask, the default), or always the box enclosing the mask (box)")
     run.add_argument("--threshold", type=probability, metavar="T",
                      help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA)")
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(distributed.device_for(context, resolve_device(args.device)))
     with distributed.process_group(device=args.device):
         model, processor = load_model(args)
-        engine = build_engine(model, processor, load_rpn(args, model))
+        engine = build_engine(model, processor, load_rpn(args, model), strategy=args.strategy)
         for method in methods:
             predictor = EnginePredictor(engine, method, threshold=threshold, max_new_tokens=args.max_new_tokens)
             options = {"model": str(args.model.resolve()), "dtype": args.dtype,

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default 1)")
     recipe.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default 1)")
     recipe.add_argument("--max-steps", type=positive_int, metavar="N", help="optimizer steps, overriding --epochs")
+    recipe.add_argument("--max-samples", type=positive_int, metavar="N",
+                        help="train on the first N usable samples only (data-efficiency studies)")
     recipe.add_argument("--warmup", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
     recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
     recipe.add_argument("--seed", type=int, default=0, help="data order and held-out split (default 0)")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--lr and --max-grad-norm must be positive")
     options = TrainOptions(start_layer=args.start_layer, num_blocks=args.num_blocks, lr=args.lr,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
-                           max_steps=args.max_steps, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+                           max_steps=args.max_steps, max_samples=args.max_samples, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
                            eval_samples=max(args.eval_samples, 0), eval_every=args.eval_every,
                            save_every=args.save_every, log_every=args.log_every, seed=args.seed,
                            target=args.target, keep_sinks=args.keep_sinks)

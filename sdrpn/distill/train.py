@@ -74,6 +74,8 @@ class TrainOptions:
         grad_accum: micro-batches per step on each process.
         epochs: passes over the training samples (ignored when ``max_steps`` is set).
         max_steps: total optimizer steps, overriding ``epochs``.
+        max_samples: use only the first N usable samples (in the label index's order), for
+            data-efficiency studies; the held-out samples are drawn from those N.
         warmup: fraction of the steps with linear warmup.
         max_grad_norm: gradient clipping norm.
         eval_samples: valid samples held out for the RoI-quality metrics.
@@ -95,6 +97,7 @@ class TrainOptions:
     grad_accum: int = 1
     epochs: int = 1
     max_steps: int | None = None
+    max_samples: int | None = None
     warmup: float = 0.03
     max_grad_norm: float = 1.0
     eval_samples: int = 256
@@ -396,7 +399,7 @@ class Trainer:
                             f"= {world} x {options.grad_accum}")
         if options.target not in TARGETS:
             raise UserError(f"--target {options.target}: expected one of {', '.join(TARGETS)}")
-        samples = training_samples(label_set, options.keep_sinks)
+        samples = training_samples(label_set, options.keep_sinks)[:options.max_samples]
         train, held_out = split_held_out(samples, min(options.eval_samples, len(samples) // 5), options.seed)
         if len(train) < options.batch_size:
             raise UserError(f"{len(train)} training samples ({len(samples)} valid, {len(held_out)} held "

@@ -1,5 +1,6 @@
 """Generation methods selectable on one engine: ``sdrpn``, ``sdrpn-reference``, ``baseline`` and
-any method registered later (``res-scaling``, ``vicrop`` live in :mod:`sdrpn.engine.baselines`).
+any method registered later (``res-scaling``, ``vicrop`` live in :mod:`sdrpn.engine.baselines`,
+``sdrpn-attention`` in :mod:`sdrpn.engine.attention_roi`).
 
 A method is a function ``method(engine, request) -> MethodResult``; :func:`register_method` adds
 one. Every method decodes with :func:`sdrpn.engine.generation.decode`, so timings compare prefill
@@ -25,7 +26,7 @@ __all__ = ["GenerationRequest", "MethodResult", "METHODS", "register_method", "g
            "pad_rows"]
 
 # Modules that register further methods when imported; loaded on first lookup of an unknown name.
-EXTENSION_MODULES = ("sdrpn.engine.baselines",)
+EXTENSION_MODULES = ("sdrpn.engine.baselines", "sdrpn.engine.attention_roi")
 
 
 @dataclass

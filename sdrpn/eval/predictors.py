@@ -16,7 +16,7 @@ from .metrics import option_letter
 from .runner import Prediction
 
 # Methods that read the RPN (and so its threshold); the others only need the model.
-RPN_METHODS = ("sdrpn", "sdrpn-reference")
+RPN_METHODS = ("sdrpn", "sdrpn-reference", "sdrpn-attention")
 
 
 def available_methods() -> list[str]:
@@ -42,11 +42,11 @@ def check_methods(names: Sequence[str], has_rpn: bool) -> None:
                         f"{', '.join(names)}")
 
 
-def build_engine(model, processor, rpn, threshold: float | None = None):
-    """The engine for ``model`` and its loaded ``rpn``."""
+def build_engine(model, processor, rpn, threshold: float | None = None, strategy: str = "mask"):
+    """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy``."""
     from ..engine import SDRPN
 
-    return SDRPN(model, rpn, processor, threshold=threshold)
+    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold)
 
 
 def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
