@@ -103,6 +103,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sdrpn", "sdrpn.*"]),
+    # The testbed's tiny model and RPN (what `sdrpn demo` runs) ship inside the package.
+    package_data={"sdrpn.testbed": ["assets/*/*"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.17",

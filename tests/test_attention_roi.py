@@ -82,6 +82,15 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(tiny):
         assert int(together.visual_tokens[row]) == int(single.visual_tokens[0])
 
 
+def test_an_rpn_trained_with_sinks_kept_reads_the_map_with_sinks_kept(tiny):
+    from sdrpn.engine.attention_roi import grounding_settings
+
+    model = tiny[0]
+    heads, sink = grounding_settings(RPN.from_model(model, 2, 2, labels={**GROUNDING, "keep_sinks": True}))
+    assert sink.method == "none" and heads.pairs == ((2, 0), (2, 3), (3, 1))
+    assert grounding_settings(tiny[2].rpn)[1].method == "attention"
+
+
 def test_an_rpn_without_label_settings_is_refused(tiny):
     model, processor, _ = tiny
     engine = SDRPN(model, RPN.from_model(model, 2, 2), processor)

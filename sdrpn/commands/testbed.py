@@ -6,18 +6,23 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import existing_dir, positive_int
+from ..testbed.loop import LoopOptions
+from .common import existing_dir, positive_int, probability
 
 HELP = "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA."
 EPILOG = """\
   sdrpn testbed generate --out data/synthetic --seed 0
   sdrpn testbed train-model --data data/synthetic --out ckpt/tiny-llava --seed 0
   sdrpn testbed train-model --data data/synthetic --out ckpt/tiny-llava --steps 200 --threads 2
+  sdrpn testbed run --data data/synthetic --work runs/testbed
+  sdrpn testbed run --data data/synthetic --work runs/quick --label-samples 600 --test-samples 100 --no-ablation
 
 generate writes train/val/test JSONL files (the generic format of `sdrpn eval --benchmark jsonl`)
 and PNG images; the same seed gives the same files. train-model trains the tiny LLaVA from scratch
 on the train split and saves it with save_pretrained (weights in fp16) together with its processor
-and training.json; rerun the same command to resume from the checkpoint in --out."""
+and training.json; rerun the same command to resume from the checkpoint in --out. run takes the model
+(default: the shipped one) through heads -> label -> train -> eval with the public commands, measures
+localisation IoU, data efficiency and the ablation, and writes <work>/testbed.json; rerun it to resume."""
 
 
 def _non_negative_int(value: str) -> int:
@@ -56,7 +61,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
     train.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for sub in (generate, train):
+    loop = actions.add_parser("run", help="the self-distillation loop on the tiny model, measured end to end",
+                              description="heads -> label -> train -> eval on a generated data set, with "
+                                          "localisation IoU, data efficiency and the ablation.")
+    loop.add_argument("--data", required=True, type=existing_dir, metavar="DIR",
+                      help="a directory written by `sdrpn testbed generate`")
+    loop.add_argument("--work", required=True, type=Path, metavar="DIR",
+                      help="where every step's output goes (reused to resume)")
+    loop.add_argument("--model", type=existing_dir, metavar="DIR", help="the tiny LLaVA (default: the shipped one)")
+    defaults = LoopOptions()
+    loop.add_argument("--label-samples", type=positive_int, default=defaults.label_samples,
+                      help=f"train questions to label (default {defaults.label_samples})")
+    loop.add_argument("--test-samples", type=positive_int, default=defaults.test_samples,
+                      help=f"test questions to evaluate (default {defaults.test_samples})")
+    loop.add_argument("--heads", metavar="SPEC", help="grounding heads LAYER:HEAD,... (default: run sdrpn heads)")
+    loop.add_argument("--sink-threshold", type=float, default=defaults.sink_threshold,
+                      help=f"layer-2 attention of a sink token (default {defaults.sink_threshold})")
+    loop.add_argument("--rpn-epochs", type=positive_int, default=defaults.rpn_epochs,
+                      help=f"RPN training epochs (default {defaults.rpn_epochs})")
+    loop.add_argument("--rpn-lr", type=float, default=defaults.rpn_lr,
+                      help=f"RPN learning rate (default {defaults.rpn_lr})")
+    loop.add_argument("--rpn-batch-size", type=positive_int, default=defaults.rpn_batch_size,
+                      help=f"RPN training batch (default {defaults.rpn_batch_size})")
+    loop.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                      help=f"questions per batch in labelling and evaluation (default {defaults.batch_size})")
+    loop.add_argument("--threshold", type=probability, metavar="T", help="RoI threshold (default: the benchmark's)")
+    loop.add_argument("--no-data-efficiency", action="store_true", help="skip the 10%% / 30%% label-set runs")
+    loop.add_argument("--no-ablation", action="store_true", help="skip the ablation rows")
+    loop.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
+    loop.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for sub in (generate, train, loop):
         # Accepted after the action too; SUPPRESS keeps a --debug given before it.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -64,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "generate":
         return _generate(args)
+    if args.action == "run":
+        return _run_loop(args)
     return _train_model(args)
 
 
@@ -96,4 +132,32 @@ def _train_model(args: argparse.Namespace) -> int:
     accuracy = ", ".join(f"{name} {value:.1%}" for name, value in final.items())
     print(f"{args.out}: trained {options.steps} steps in {summary['train_seconds'] / 60:.1f} min; "
           f"validation accuracy: {accuracy}")
+    return 0
+
+
+def _run_loop(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from ..testbed.loop import format_report, run_loop
+    from ..testbed.shipped import SHIPPED_MODEL
+
+    if args.rpn_lr <= 0:
+        raise UserError(f"--rpn-lr must be positive, got {args.rpn_lr}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model
+    if model is None:
+        if not SHIPPED_MODEL.is_dir():
+            raise UserError(f"the shipped tiny model is missing ({SHIPPED_MODEL}); pass --model")
+        model = SHIPPED_MODEL
+    options = dataclasses.replace(
+        LoopOptions(), label_samples=args.label_samples, test_samples=args.test_samples, heads=args.heads,
+        sink_threshold=args.sink_threshold, rpn_epochs=args.rpn_epochs, rpn_lr=args.rpn_lr,
+        rpn_batch_size=args.rpn_batch_size, batch_size=args.batch_size, threshold=args.threshold,
+        fractions=() if args.no_data_efficiency else LoopOptions().fractions, ablation=not args.no_ablation)
+    summary = run_loop(model, args.data, args.work, options, progress=not args.no_progress)
+    print(format_report(summary))
+    print(f"wrote {args.work / 'testbed.json'}")
     return 0

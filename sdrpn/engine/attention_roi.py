@@ -26,14 +26,18 @@ _PEAK_EPS = 1e-12
 
 
 def grounding_settings(rpn) -> tuple[HeadSelection, SinkSpec]:
-    """The grounding heads and sink detector recorded in the RPN's label settings."""
+    """The grounding heads and sink detector recorded in the RPN's label settings; no detector for
+    an RPN trained with sinks kept (``sdrpn train --keep-sinks``), whose targets kept them too."""
     labels = rpn.config.get("labels") or {}
     if "heads" not in labels or "sink" not in labels:
         raise ValueError("sdrpn-attention reads the grounding heads and sink detector that made the RPN's labels; "
                          "this RPN records none (train it with `sdrpn train` on `sdrpn label` output)")
+    heads = HeadSelection(tuple(tuple(pair) for pair in labels["heads"]))
+    if labels.get("keep_sinks"):
+        return heads, SinkSpec.create("none")
     sink = dict(labels["sink"])
     sink["dims"] = None if sink.get("dims") is None else tuple(sink["dims"])
-    return HeadSelection(tuple(tuple(pair) for pair in labels["heads"])), SinkSpec(**sink)
+    return heads, SinkSpec(**sink)
 
 
 @torch.no_grad()
