@@ -35,6 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import UserError
+from .model_card import write_model_card
 from .tiny_model import TinyLlavaSpec, build_model, build_processor, prompt_for
 
 __all__ = ["TrainModelOptions", "QuestionSet", "train_model", "evaluate", "VIEW_MODES"]
@@ -66,7 +67,7 @@ class TrainModelOptions:
             float32); about twice as fast on CPUs with AVX512-BF16 and on GPUs.
     """
 
-    steps: int = 2000
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -392,6 +393,9 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
 
     processor = build_processor(spec)
     model = build_model(spec, seed=options.seed).train()
+    # With head dim 32 and ~300 tokens, plain matmul attention trains about 1.5x faster on a CPU
+    # than the fused SDPA kernels (slow backward in bfloat16); the saved model uses SDPA again.
+    model.set_attn_implementation("eager")
     adapter = adapter_for(model, processor)
     train = QuestionSet(data_dir, "train", processor)
     val = QuestionSet(data_dir, "val", processor, limit=options.eval_samples)
@@ -458,10 +462,12 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
                "train_seconds": round(elapsed, 1), "environment": _environment(),
                "val_samples": len(val), "final": history[-1]["val"] if history else None}
     # fp16 storage halves the files; the model is used (and evaluated) in float32.
+    model.set_attn_implementation("sdpa")
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     with open(out / TRAINING_LOG, "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
+    write_model_card(out)
     if checkpoint.is_file():
         checkpoint.unlink()
     return summary
