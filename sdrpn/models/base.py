@@ -20,6 +20,8 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,6 +123,14 @@ def decoder_attention_mask(
     return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+@functools.lru_cache(maxsize=None)
+def cache_keyword(layer_type: type) -> str:
+    """The decoder layer's name for its key/value cache argument: ``cache`` in newer transformers,
+    ``past_key_values`` before (the newer versions still take it, with a deprecation warning)."""
+    parameters = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def run_decoder_layers(
     layers: Sequence[nn.Module],
     hidden: torch.Tensor,
@@ -135,7 +145,7 @@ def run_decoder_layers(
             hidden,
             attention_mask=layer_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **{cache_keyword(type(layer)): cache},
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )
