@@ -114,3 +114,44 @@ def test_model_card_states_the_recipe_time_and_accuracies():
     assert "--seed 0 --steps 50`" in card and "differs" not in card  # only --steps left the defaults
     assert "10 min on 1 CPU thread(s)" in card
     assert "| 50 | 1.250 | 12.5% | 75.0% |" in card
+
+
+def test_loop_runs_every_experiment_and_resumes(tmp_path):
+    """The loop's plumbing on a small random model whose one sharp head gives valid labels (the
+    numbers mean nothing; tests/test_testbed_run.py checks them on the trained model)."""
+    from test_label_job import save_labelling_model
+
+    from sdrpn.data.synthetic import generate_dataset
+    from sdrpn.testbed.loop import MAIN_METHODS, LoopOptions, run_loop
+
+    model = save_labelling_model(tmp_path / "model")
+    data = tmp_path / "data"
+    generate_dataset(data, 40, 0, 6, seed=3, progress=False)
+    options = LoopOptions(label_samples=40, test_samples=6, heads="1:2", start_layer=2, num_blocks=2,
+                          rpn_batch_size=8, rpn_epochs=1, batch_size=8, fractions=(0.3,))
+    work = tmp_path / "work"
+    summary = run_loop(model, data, work, options, progress=False)
+
+    assert set(summary["methods"]) == set(MAIN_METHODS)
+    assert summary["labels"]["labelled"] == 40 and summary["labels"]["valid"] >= 16
+    for row in [*summary["methods"].values(), *summary["data_efficiency"].values(), *summary["ablation"]]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["roi_iou"] is None or 0.0 <= row["roi_iou"] <= 1.0
+    assert summary["methods"]["baseline"]["roi_iou"] is None and summary["methods"]["sdrpn"]["roi_iou"] is not None
+    assert 0.0 <= summary["localisation"]["pseudo_labels_train"] <= 1.0
+    assert [row["row"] for row in summary["ablation"]] == [
+        "raw attention as the RoI map", "RPN regressing raw attention", "+ 3-valued label assignment",
+        "+ sink removal", "+ masked upscaling"]
+    assert summary["ablation"][-1]["accuracy"] == summary["methods"]["sdrpn"]["accuracy"]
+    assert set(summary["data_efficiency"]) == {"30%", "100%"}
+    assert summary["data_efficiency"]["30%"]["samples"] < summary["data_efficiency"]["100%"]["samples"]
+    assert set(summary["targets"]) >= {"sdrpn_at_least_25_points_above_baseline", "rpn_iou_at_least_raw_attention_iou"}
+    assert json.loads((work / "testbed.json").read_text()) == summary
+
+    # A rerun reuses every step's output: no RPN is trained again and the numbers are the same.
+    weights = sorted(work.glob("rpn*/model.safetensors"))
+    assert len(weights) == 4  # main, 30%, attention target, kept sinks
+    stamps = [path.stat().st_mtime_ns for path in weights]
+    again = run_loop(model, data, work, options, progress=False)
+    assert [path.stat().st_mtime_ns for path in weights] == stamps
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in summary.items() if k != "seconds"}

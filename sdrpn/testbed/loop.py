@@ -178,7 +178,7 @@ class Loop:
         rpn = self.train(labels, "rpn")
         test_truths = self.truths("test")
         main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS), test_truths)
-        summary = {"model": str(self.model), "data": str(self.data), "options": asdict(options), "labels": quality,
+        summary = {"model": str(self.model), "data": str(self.data), "options": json.loads(json.dumps(asdict(options))), "labels": quality,
                    "methods": main, "localisation": {
                        "pseudo_labels_train": quality["pseudo_label_iou"],
                        "rpn_test": main["sdrpn"]["roi_iou"], "raw_attention_test": main["sdrpn-attention"]["roi_iou"]}}

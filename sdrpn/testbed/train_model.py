@@ -67,11 +67,11 @@ class TrainModelOptions:
             float32); about twice as fast on CPUs with AVX512-BF16 and on GPUs.
     """
 
-    steps: int = 1600
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 0
