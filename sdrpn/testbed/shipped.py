@@ -21,8 +21,9 @@ def require_shipped() -> tuple[Path, Path]:
     """``(model directory, RPN directory)``; a missing one is a :class:`UserError` saying how to make it."""
     how = {
         SHIPPED_MODEL: ("tiny model", f"`sdrpn testbed train-model --data DIR --out {SHIPPED_MODEL}` "
-                                      f"or the whole testbed with `sdrpn testbed run`"),
-        SHIPPED_RPN: ("tiny model's RPN", "`sdrpn testbed run`"),
+                                      f"on a data set of `sdrpn testbed generate`"),
+        SHIPPED_RPN: ("tiny model's RPN", f"`sdrpn testbed run --data DIR --work WORK` and a copy of WORK/rpn "
+                                          f"to {SHIPPED_RPN}"),
     }
     for directory, (what, command) in how.items():
         if not directory.is_dir():
