@@ -75,6 +75,11 @@ def positive_int(value: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def format_box(box) -> str:
+    """A box ``[x0, y0, x1, y1)`` as printed by the commands: ``[12, 30.5, 80, 96]``."""
+    return f"[{', '.join(f'{v:g}' for v in box)}]"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, rpn: str = "optional", required: bool = True) -> None:
     """Add ``--model``, ``--device``, ``--dtype``, ``--attn-implementation`` and, unless ``rpn`` is
     "none", ``--rpn`` ("required" or "optional"). With ``required=False`` the command checks

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..eval.datasets import short_answer_prompt
 from ..eval.metrics import exact_match
-from .common import add_model_arguments, positive_int, probability
+from .common import add_model_arguments, format_box, positive_int, probability
 
 if TYPE_CHECKING:
     from ..data.synthetic import SyntheticSample
@@ -80,7 +80,7 @@ def _marked(prediction, sample: SyntheticSample) -> str:
 
 
 def _boxes(boxes) -> str:
-    return " ".join(f"[{', '.join(f'{v:g}' for v in box)}]" for box in boxes) or "none"
+    return " ".join(format_box(box) for box in boxes) or "none"
 
 
 def format_table(answered: list[Answered]) -> str:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_file, positive_int, probability
+from .common import add_model_arguments, existing_file, format_box, positive_int, probability
 
 HELP = "Answer a question about an image; print the answer, RoI boxes, visual tokens, latency."
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"answer: {prediction.text}")
-    boxes = "; ".join(f"[{', '.join(f'{v:g}' for v in box)}]" for box in prediction.boxes)
+    boxes = "; ".join(format_box(box) for box in prediction.boxes)
     print(f"RoI boxes (source pixels): {boxes or 'none (answered from the original view)'}")
     extra = prediction.visual_tokens - original
     print(f"visual tokens: {prediction.visual_tokens}" + (f" ({original} original + {extra} RoI)" if extra else ""))
