@@ -25,11 +25,10 @@ def _shipped_heads() -> str:
     """The grounding heads the shipped RPN was trained with (``sdrpn heads`` is not rerun)."""
     import json
 
+    from sdrpn.distill.heads import HeadSelection
+
     pairs = json.loads((SHIPPED_RPN / "config.json").read_text())["labels"]["heads"]
-    layers: dict[int, list[int]] = {}
-    for layer, head in pairs:
-        layers.setdefault(layer, []).append(head)
-    return ";".join(f"{layer}:{','.join(map(str, heads))}" for layer, heads in layers.items())
+    return str(HeadSelection(tuple(tuple(pair) for pair in pairs)))
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL.is_dir() and SHIPPED_RPN.is_dir()),

@@ -156,7 +156,7 @@ def _run_loop(args: argparse.Namespace) -> int:
         LoopOptions(), label_samples=args.label_samples, test_samples=args.test_samples, heads=args.heads,
         sink_threshold=args.sink_threshold, rpn_epochs=args.rpn_epochs, rpn_lr=args.rpn_lr,
         rpn_batch_size=args.rpn_batch_size, batch_size=args.batch_size, threshold=args.threshold,
-        fractions=() if args.no_data_efficiency else LoopOptions().fractions, ablation=not args.no_ablation)
+        ablation=not args.no_ablation, **({"fractions": ()} if args.no_data_efficiency else {}))
     summary = run_loop(model, args.data, args.work, options, progress=not args.no_progress)
     print(format_report(summary))
     print(f"wrote {args.work / 'testbed.json'}")

@@ -37,7 +37,8 @@ SUMMARY_NAME = "testbed.json"
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """What the loop runs. The defaults are the recorded testbed run.
+    """What the loop runs. The tiny-model defaults (K, T, RPN recipe, sink threshold) are first
+    choices, not yet tuned on a trained model.
 
     Attributes:
         label_samples: train questions labelled (the label set).
@@ -178,10 +179,12 @@ class Loop:
         rpn = self.train(labels, "rpn")
         test_truths = self.truths("test")
         main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS), test_truths)
-        summary = {"model": str(self.model), "data": str(self.data), "options": json.loads(json.dumps(asdict(options))), "labels": quality,
-                   "methods": main, "localisation": {
-                       "pseudo_labels_train": quality["pseudo_label_iou"],
-                       "rpn_test": main["sdrpn"]["roi_iou"], "raw_attention_test": main["sdrpn-attention"]["roi_iou"]}}
+        summary = {"model": str(self.model), "data": str(self.data),
+                   "options": json.loads(json.dumps(asdict(options))),  # as testbed.json holds it
+                   "labels": quality, "methods": main,
+                   "localisation": {"pseudo_labels_train": quality["pseudo_label_iou"],
+                                    "rpn_test": main["sdrpn"]["roi_iou"],
+                                    "raw_attention_test": main["sdrpn-attention"]["roi_iou"]}}
 
         steps = trained_steps(rpn)
         efficiency = {}
@@ -255,7 +258,7 @@ def _percent(value) -> str:
 
 def format_report(summary: dict) -> str:
     """Markdown tables of a :func:`run_loop` summary (what the README shows)."""
-    lines = [f"| method | accuracy % | visual tokens | samples/s | RoI IoU |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | accuracy % | visual tokens | samples/s | RoI IoU |", "|---|---:|---:|---:|---:|"]
     for name, row in summary["methods"].items():
         lines.append(f"| {name} | {_percent(row['accuracy'])} | {row['visual_tokens']:.0f} | "
                      f"{row['samples_per_s']:.1f} | {_fixed(row['roi_iou'])} |")
