@@ -220,7 +220,8 @@ def test_the_number_is_a_few_pixels_at_the_base_resolution_and_readable_in_a_cro
         view = geometry.transform(sample.image.size)
         x0, y0, x1, y1 = view.source_to_view(sample.target.box)
         tx0, ty0, tx1, ty1 = view.source_to_view(sample.target.text_box)
-        assert ty1 - ty0 <= 3.0, "the digits must be unreadable in the base view"
+        # 7 font rows in at most 4 pixels: under 0.6 pixel per font pixel, below what can be resolved.
+        assert ty1 - ty0 <= 4.0, "the digits must be unreadable in the base view"
         assert min(x1 - x0, y1 - y0) >= 0.8 * cell, "the shape must cover about a token or more"
         # A RoI of 3x3 cells around the shape (what the RPN's small-component rule makes of it)
         # magnifies the digits to a readable height.

@@ -15,7 +15,9 @@ from sdrpn.data.synthetic import generate_dataset, make_sample, sample_rng
 from sdrpn.errors import UserError
 from sdrpn.eval.datasets import jsonl
 from sdrpn.models import adapter_for
+from sdrpn.testbed import batches
 from sdrpn.testbed import train_model as training
+from sdrpn.testbed import vision_warmup
 from sdrpn.testbed.tiny_model import (TinyLlavaSpec, build_model, build_processor, load_tiny_llava,
                                       prompt_for)
 
@@ -104,25 +106,25 @@ def test_box_cells_cover_the_box_and_grow():
     processor = build_processor()
     geometry = adapter_for(build_model(), processor).geometry
     size = (1000, 500)  # the view shows x in [250, 750)
-    x0, y0, x1, y1 = training.box_cells((300, 90, 360, 160), size, geometry, (12, 12))
+    x0, y0, x1, y1 = batches.box_cells((300, 90, 360, 160), size, geometry, (12, 12))
     view = geometry.transform(size)
     sx0, sy0, sx1, sy1 = view.grid_to_source((x0, y0, x1, y1), (12, 12))
     assert sx0 <= 300 and sy0 <= 90 and sx1 >= 360 and sy1 >= 160
     assert (x1 - x0, y1 - y0) == (2, 2)
-    grown = training.box_cells((300, 90, 360, 160), size, geometry, (12, 12), (1, 1, 1, 0))
+    grown = batches.box_cells((300, 90, 360, 160), size, geometry, (12, 12), (1, 1, 1, 0))
     assert grown == (x0 - 1, y0 - 1, x1 + 1, y1)
     # A box within a single cell still gives a 2x2 component (one cell is noise to the RoI rules).
-    cell = training.box_cells((252, 2, 256, 6), size, geometry, (12, 12))
+    cell = batches.box_cells((252, 2, 256, 6), size, geometry, (12, 12))
     assert cell == (0, 0, 2, 2)
 
 
-@pytest.mark.parametrize("mode", training.VIEW_MODES)
+@pytest.mark.parametrize("mode", batches.VIEW_MODES)
 def test_batches_have_the_stage_two_layout(data, mode):
     processor = build_processor(MICRO)
     model = build_model(MICRO)
     adapter = adapter_for(model, processor)
-    questions = training.QuestionSet(data, "train", processor)
-    batch = training.make_batch(questions, [0, 1, 2, 3], mode, processor, adapter.geometry, adapter.image_grid,
+    questions = batches.QuestionSet(data, "train", processor)
+    batch = batches.make_batch(questions, [0, 1, 2, 3], mode, processor, adapter.geometry, adapter.image_grid,
                                 np.random.default_rng(0), max_grow=1)
     tokens = adapter.image_length
     if mode == "single":
@@ -141,8 +143,8 @@ def test_single_view_logits_match_the_models_own_forward(data):
     processor = build_processor(MICRO)
     model = build_model(MICRO, seed=4).eval()
     adapter = adapter_for(model, processor)
-    questions = training.QuestionSet(data, "val", processor)
-    batch = training.make_batch(questions, [0, 1], "single", processor, adapter.geometry, adapter.image_grid)
+    questions = batches.QuestionSet(data, "val", processor)
+    batch = batches.make_batch(questions, [0, 1], "single", processor, adapter.geometry, adapter.image_grid)
     with torch.no_grad():
         logits, targets, valid = training.answer_logits(model, adapter, batch)
         for row, index in enumerate([0, 1]):
@@ -160,8 +162,8 @@ def test_a_few_steps_lower_the_loss(data):
     processor = build_processor(MICRO)
     model = build_model(MICRO).train()
     adapter = adapter_for(model, processor)
-    questions = training.QuestionSet(data, "train", processor)
-    batch = training.make_batch(questions, list(range(8)), "box", processor, adapter.geometry, adapter.image_grid)
+    questions = batches.QuestionSet(data, "train", processor)
+    batch = batches.make_batch(questions, list(range(8)), "box", processor, adapter.geometry, adapter.image_grid)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
@@ -174,7 +176,7 @@ def test_a_few_steps_lower_the_loss(data):
 
 
 OPTIONS = training.TrainModelOptions(steps=4, batch_size=3, warmup_steps=1, eval_every=4, eval_samples=2,
-                                     save_every=2, seed=3)
+                                     save_every=2, seed=3, vision_steps=2, vision_batch_size=2)
 
 
 def trained_weights(directory) -> dict[str, torch.Tensor]:
@@ -227,3 +229,39 @@ def test_a_checkpoint_of_another_recipe_is_refused(data, tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(UserError, match="another recipe"):
         training.train_model(data, tmp_path, dataclasses.replace(options, lr=5e-4), spec=MICRO, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision warm start
+# ------------------------------------------------------------------------------------------------
+
+
+def test_token_targets_mark_each_glyph_centre():
+    identity = lambda x, y: (x, y)  # noqa: E731 - source pixels are view pixels here
+    # "47" inked over x in [16, 48), y in [20, 30): glyph centres (24, 25) and (40, 25), 8-pixel cells.
+    targets = vision_warmup.token_targets([("47", (16, 20, 48, 30))], identity, 96, (12, 12), readable=True)
+    expected = torch.zeros(144, dtype=torch.int64)
+    expected[3 * 12 + 3], expected[3 * 12 + 5] = 1 + 4, 11 + 7
+    assert torch.equal(targets, expected)
+    unreadable = vision_warmup.token_targets([("47", (16, 20, 48, 30))], identity, 96, (12, 12), readable=False)
+    assert unreadable[3 * 12 + 3] == unreadable[3 * 12 + 5] == vision_warmup.IGNORE
+    assert int((unreadable == 0).sum()) == 142
+    # A glyph centre outside the view is not labelled; the other glyph still is.
+    cut = vision_warmup.token_targets([("47", (-20, 20, 12, 30))], identity, 96, (12, 12), readable=True)
+    assert cut.nonzero().flatten().tolist() == [3 * 12 + 0] and cut[36] == 11 + 7
+
+
+def test_the_warm_start_trains_the_vision_tower_only(data):
+    torch.set_num_threads(1)
+    processor = build_processor(MICRO)
+    model = build_model(MICRO, seed=2).train()
+    adapter = adapter_for(model, processor)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    questions = batches.QuestionSet(data, "train", processor)
+    options = training.TrainModelOptions(vision_steps=3, vision_batch_size=4, seed=1)
+    history = vision_warmup.warm_start_vision(model, adapter, processor, questions, questions, options,
+                                              progress=False, log=lambda line: None)
+    assert [entry["step"] for entry in history] == [3] and 0.0 <= history[0]["val_glyph_accuracy"] <= 1.0
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(name.startswith("model.vision_tower.") for name in changed)
+    assert any("patch_embedding" in name for name in changed)

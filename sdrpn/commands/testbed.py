@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=positive_int, help="questions per step (default: the recipe's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     train.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
+    train.add_argument("--vision-steps", type=int, metavar="N",
+                       help="steps of the vision warm start before the language model trains; 0 skips it "
+                            "(default: the recipe's)")
     train.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     loop = actions.add_parser("run", help="the self-distillation loop on the tiny model, measured end to end",
@@ -122,10 +125,12 @@ def _train_model(args: argparse.Namespace) -> int:
 
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.vision_steps is not None and args.vision_steps < 0:
+        raise UserError(f"--vision-steps must be 0 or more, got {args.vision_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "eval_every": args.eval_every}
+               "eval_every": args.eval_every, "vision_steps": args.vision_steps}
     options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)
     final = summary["final"] or {}

@@ -4,17 +4,18 @@ Every image shows a few coloured shapes (squares, circles, triangles) on a backg
 holds a two-digit number drawn with PIL's built-in bitmap font. A question names one shape by its
 colour and kind ("What number is inside the red square?") and the answer is that shape's number.
 
-The split between what is easy and what is hard is the point of the data set. A shape is 48-88
+The split between what is easy and what is hard is the point of the data set. A shape is 67-96
 source pixels across, so after the short side (512-640 pixels) is resized to a small vision input
 (96 pixels for the testbed model) it still covers one or two tokens and its colour is plain to
-see: the region is easy to find. Its number is 14 pixels tall, which becomes about 2 pixels at
-that resolution: unreadable. A crop around the shape, resized to the same input, makes it readable
+see: the region is easy to find. Its number is 21 pixels tall (a 5x7 bitmap font at 3 pixels per
+font pixel), which becomes 3-4 pixels at that resolution, about half a pixel per font pixel:
+unreadable. A crop around the shape, resized to the same input, makes it readable
 again. That is the situation SD-RPN is built for.
 
 A model also has to learn *where* to look, which it only does from questions it can answer at its
 base resolution (a real MLLM learns it from the mostly legible data it is trained on). So a share
 of the train and validation images are *coarse*: larger shapes (128-168 pixels) with numbers drawn
-three times larger, readable at the base resolution. Their records have ``"subset": "coarse"``,
+twice as large, readable at the base resolution. Their records have ``"subset": "coarse"``,
 the others ``"fine"``; the test split holds fine questions only.
 
 Shapes are placed inside the central square of the image, the part that a processor which resizes
@@ -62,7 +63,7 @@ __all__ = [
     "vocabulary",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "dataset.json"
 SPLITS = ("train", "val", "test")
 
@@ -110,10 +111,10 @@ class SyntheticConfig:
 
     short_side: tuple[int, int] = (512, 640)
     aspect_ratios: tuple[float, ...] = (1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
-    shape_size: tuple[int, int] = (48, 88)
+    shape_size: tuple[int, int] = (67, 96)
     shapes_per_image: tuple[int, int] = (2, 7)
     lookalike_rate: float = 0.25
-    digit_scale: int = 2
+    digit_scale: int = 3
     coarse_shape_size: tuple[int, int] = (128, 168)
     coarse_digit_scale: int = 6
     coarse_rates: tuple[float, float, float] = (0.3, 0.3, 0.0)
@@ -381,6 +382,9 @@ def _record(split: str, index: int, sample: SyntheticSample, image_path: str) ->
         "answers": [sample.answer],
         "box": list(target.box),
         "detail_box": list(target.text_box),
+        # Every number in the image with its ink box: dense supervision for the testbed model's
+        # vision warm start (sdrpn.testbed.vision_warmup).
+        "details": [{"number": shape.number, "box": list(shape.text_box)} for shape in sample.shapes],
         "target": {"color": target.color, "shape": target.kind},
         "subset": "coarse" if sample.coarse else "fine",
         "num_shapes": len(sample.shapes),

@@ -22,7 +22,6 @@ seed and the step only, so a run resumed from its checkpoint continues as if nev
 from __future__ import annotations
 
 import json
-import functools
 import math
 import os
 import platform
@@ -35,15 +34,15 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import UserError
+from .batches import VIEW_MODES, Batch, QuestionSet, batch_indices, make_batch
 from .model_card import write_model_card
-from .tiny_model import TinyLlavaSpec, build_model, build_processor, prompt_for
+from .tiny_model import TinyLlavaSpec, build_model, build_processor
+from .vision_warmup import warm_start_vision
 
-__all__ = ["TrainModelOptions", "QuestionSet", "train_model", "evaluate", "VIEW_MODES"]
+__all__ = ["TrainModelOptions", "answer_logits", "evaluate", "loss_and_correct", "train_model"]
 
-VIEW_MODES = ("single", "box", "mask")
 CHECKPOINT = "checkpoint.pt"
 TRAINING_LOG = "training.json"
-_FORCED_LOGIT = 20.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,12 @@ class TrainModelOptions:
         save_every: steps between checkpoints.
         bf16: run the forward and backward under bfloat16 autocast (weights and optimizer stay
             float32); about twice as fast on CPUs with AVX512-BF16 and on GPUs.
+        vision_steps: steps of the vision warm start before the language model is trained
+            (:mod:`sdrpn.testbed.vision_warmup`; 0 skips it).
+        vision_batch_size: questions per warm-start step (each gives two views).
+        vision_lr: the warm start's peak learning rate.
+        freeze_vision: keep the vision tower fixed while the projector and the language model
+            train (LLaVA's recipe with a pretrained CLIP).
     """
 
     steps: int = 6000
@@ -81,6 +86,10 @@ class TrainModelOptions:
     eval_samples: int = 256
     save_every: int = 200
     bf16: bool = True
+    vision_steps: int = 1500
+    vision_batch_size: int = 32
+    vision_lr: float = 1e-3
+    freeze_vision: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -92,178 +101,6 @@ class TrainModelOptions:
         """The options that change the trained weights (a checkpoint resumes only under the same)."""
         return {key: value for key, value in asdict(self).items()
                 if key not in ("eval_every", "eval_samples", "save_every")}
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question, tokenised around its image placeholder.
-
-    Attributes:
-        prefix: token ids before the image (``<s> user :``).
-        suffix: token ids after the image (the question and ``assistant :``).
-        answer: the answer's token ids followed by end-of-sequence.
-        box: ground-truth box in source pixels.
-        image: the image file.
-        subset: "fine" or "coarse" (numbers readable at the base resolution).
-    """
-
-    prefix: torch.Tensor
-    suffix: torch.Tensor
-    answer: torch.Tensor
-    box: tuple[float, float, float, float]
-    image: Path
-    subset: str
-
-
-class QuestionSet:
-    """The questions of one split of a generated data set, read with the eval harness's reader."""
-
-    def __init__(self, data_dir: str | Path, split: str, processor, limit: int | None = None):
-        from ..eval.datasets import jsonl
-
-        samples = jsonl.read(Path(data_dir), split)
-        if limit is not None:
-            samples = samples[:limit]
-        missing = [s.question_id for s in samples if s.box is None]
-        if missing:
-            raise UserError(f"{data_dir}: {split} question {missing[0]} has no 'box'; "
-                            f"train-model needs the ground-truth boxes of `sdrpn testbed generate`")
-        tokenizer = processor.tokenizer
-        image_token = processor.image_token_id
-        eos = tokenizer.eos_token_id
-        self.questions = []
-        for sample in samples:
-            ids = tokenizer(prompt_for(processor, sample.prompt))["input_ids"]
-            if ids.count(image_token) != 1:
-                raise ValueError(f"the prompt of {sample.question_id} holds {ids.count(image_token)} image tokens, "
-                                 f"expected 1")
-            split_at = ids.index(image_token)
-            answer = tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"] + [eos]
-            self.questions.append(Question(
-                prefix=torch.tensor(ids[:split_at]), suffix=torch.tensor(ids[split_at + 1:]),
-                answer=torch.tensor(answer), box=sample.box, image=sample.image, subset=sample.subset,
-            ))
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, index: int) -> Question:
-        return self.questions[index]
-
-    def image(self, index: int):
-        from ..eval.datasets import open_image
-
-        return open_image(self.questions[index].image)
-
-
-@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
-def _epoch_order(seed: int, size: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, 1, epoch]).permutation(size)
-
-
-def batch_indices(step: int, batch_size: int, size: int, seed: int) -> list[int]:
-    """The questions of ``step``: consecutive slices of a fresh permutation every epoch."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    return [int(_epoch_order(seed, size, p // size)[p % size]) for p in positions]
-
-
-# ------------------------------------------------------------------------------------------------
-# Views
-# ------------------------------------------------------------------------------------------------
-
-
-def box_cells(box, source_size, geometry, grid, grow=(0, 0, 0, 0)) -> tuple[int, int, int, int]:
-    """Grid cells ``[x0, y0, x1, y1)`` covering a source-pixel box, at least 2x2 (a single cell
-    is noise to the RoI post-processing), then grown by ``grow`` cells per side (clipped)."""
-    rows, cols = grid
-    gx0, gy0, gx1, gy1 = geometry.transform(source_size).source_to_grid(box, grid)
-    cells = []
-    for low, high, limit in ((gx0, gx1, cols), (gy0, gy1, rows)):
-        start, end = max(math.floor(low), 0), min(math.ceil(high), limit)
-        if end - start < 2:  # widen towards the side of the box's centre
-            centre = (low + high) / 2
-            start = min(max(round(centre) - 1, 0), limit - 2)
-            end = start + 2
-        cells.append((start, end))
-    (x0, x1), (y0, y1) = cells
-    return (max(x0 - grow[0], 0), max(y0 - grow[1], 0), min(x1 + grow[2], cols), min(y1 + grow[3], rows))
-
-
-def _second_component(rng: np.random.Generator, first, grid, reach: int = 3) -> tuple[int, int, int, int] | None:
-    """A random box of 2x2 to 3x3 cells near ``first`` (at most ``reach`` cells away) that does not
-    touch it (8-connectivity). Near, because the crop encloses both: far apart, the target would
-    hardly be magnified at all."""
-    rows, cols = grid
-    for _ in range(50):
-        width, height = int(rng.integers(2, 4)), int(rng.integers(2, 4))
-        x0 = int(rng.integers(max(first[0] - width - reach, 0), min(first[2] + reach, cols - width) + 1))
-        y0 = int(rng.integers(max(first[1] - height - reach, 0), min(first[3] + reach, rows - height) + 1))
-        apart = x0 > first[2] or first[0] > x0 + width or y0 > first[3] or first[1] > y0 + height
-        if apart:
-            return (x0, y0, x0 + width, y0 + height)
-    return None
-
-
-def roi_inputs(images, components, geometry, grid, strategy: str):
-    """``(pixel_values, keep)`` of the RoI views the engine makes for the given RoI cells.
-
-    Args:
-        images: the source PIL images.
-        components: per image, a list of cell boxes ``[x0, y0, x1, y1)``.
-        strategy: the engine's ``"box"`` or ``"mask"`` upscaling.
-
-    Returns:
-        (B, 3, H, W) pixel values and (B, H * W) bool: the RoI tokens that enter stage 2.
-    """
-    from ..roi import RoIOptions, SourceImages, propose, region_squares, roi_token_keep, roi_views
-
-    logits = torch.full((len(images), *grid), -_FORCED_LOGIT)
-    for index, boxes in enumerate(components):
-        for x0, y0, x1, y1 in boxes:
-            logits[index, y0:y1, x0:x1] = _FORCED_LOGIT
-    options = RoIOptions(strategy=strategy, threshold=0.5, blur=False)
-    proposal = propose(logits, grid, options)
-    sources = SourceImages.from_pil(images, geometry, "cpu")
-    squares = region_squares(proposal, sources, geometry, grid)
-    return roi_views(squares, sources, geometry), roi_token_keep(proposal, squares, sources, geometry, grid)
-
-
-@dataclass
-class Batch:
-    """Model inputs of one batch: questions, their base views and, for two-view batches, the RoI
-    views with the tokens kept from each."""
-
-    questions: list[Question]
-    pixel_values: torch.Tensor
-    roi_pixel_values: torch.Tensor | None = None
-    roi_keep: torch.Tensor | None = None
-
-
-def make_batch(data: QuestionSet, indices, mode: str, processor, geometry, grid,
-               rng: np.random.Generator | None = None, max_grow: int = 0) -> Batch:
-    """The batch of ``indices`` in view ``mode``; ``rng`` draws the RoI growth and second
-    components (None: the tight ground-truth cells)."""
-    images = [data.image(index) for index in indices]
-    questions = [data[index] for index in indices]
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    if mode == "single":
-        return Batch(questions, pixel_values)
-    components = []
-    for question, image in zip(questions, images):
-        grow = (0, 0, 0, 0) if rng is None else tuple(int(g) for g in rng.integers(0, max_grow + 1, size=4))
-        first = box_cells(question.box, image.size, geometry, grid, grow)
-        boxes = [first]
-        if mode == "mask":
-            second = _second_component(rng, first, grid) if rng is not None else None
-            boxes += [second] if second is not None else []
-        components.append(boxes)
-    roi_pixel_values, keep = roi_inputs(images, components, geometry, grid, "mask" if mode == "mask" else "box")
-    return Batch(questions, pixel_values, roi_pixel_values, keep)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,8 +178,9 @@ def evaluate(model, adapter, processor, data: QuestionSet, batch_size: int = 32)
 
 
 def _optimizer(model, options: TrainModelOptions):
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=options.lr, betas=(0.9, 0.98))
@@ -401,28 +239,35 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
     val = QuestionSet(data_dir, "val", processor, limit=options.eval_samples)
     if len(train) == 0:
         raise UserError(f"--data {data_dir}: the train split is empty")
-    optimizer, scheduler = _optimizer(model, options)
     identity = {"recipe": options.recipe(), "spec": asdict(spec), "data": manifest}
 
-    start, history, elapsed = 0, [], 0.0
+    start, history, vision_history, elapsed = 0, [], [], 0.0
     running = {"loss": 0.0, "correct": 0, "seen": 0}  # training statistics since the last evaluation
     checkpoint = out / CHECKPOINT
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["identity"] != identity:
-            raise UserError(f"{checkpoint} was written by another recipe or data set; remove it or use another --out")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else None
+    if state is not None and state["identity"] != identity:
+        raise UserError(f"{checkpoint} was written by another recipe or data set; remove it or use another --out")
+    began = time.perf_counter()
+    if state is None and options.vision_steps:
+        vision_history = warm_start_vision(model, adapter, processor, train, val, options, progress,
+                                           log=lambda line: tqdm.write(line))
+    model.model.vision_tower.requires_grad_(not options.freeze_vision)
+    optimizer, scheduler = _optimizer(model, options)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history, elapsed, running = state["step"], state["history"], state["elapsed"], state["running"]
+        vision_history = state["vision_history"]
 
     def save_checkpoint(step: int) -> None:
         _atomic_torch_save({"identity": identity, "step": step, "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "history": history, "running": running,
+                            "history": history, "vision_history": vision_history, "running": running,
                             "elapsed": elapsed + time.perf_counter() - began}, checkpoint)
 
-    began = time.perf_counter()
+    if state is None and options.vision_steps:
+        save_checkpoint(0)  # the warm start is never redone
     bar = tqdm(total=options.steps, initial=start, desc="training", unit="step", disable=not progress)
     for step in range(start, options.steps):
         rng = np.random.default_rng([options.seed, 2, step])
@@ -433,7 +278,7 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
             loss, correct = loss_and_correct(*answer_logits(model, adapter, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.max_grad_norm)
         optimizer.step()
         scheduler.step()
         running["loss"] += loss.item() * len(correct)
@@ -458,7 +303,8 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
     bar.close()
 
     elapsed += time.perf_counter() - began
-    summary = {"recipe": options.recipe(), "spec": asdict(spec), "data": manifest, "history": history,
+    summary = {"recipe": options.recipe(), "spec": asdict(spec), "data": manifest,
+               "vision_history": vision_history, "history": history,
                "train_seconds": round(elapsed, 1), "environment": _environment(),
                "val_samples": len(val), "final": history[-1]["val"] if history else None}
     # fp16 storage halves the files; the model is used (and evaluated) in float32.
