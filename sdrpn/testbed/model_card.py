@@ -22,7 +22,20 @@ def _accuracy_table(history: list[dict]) -> list[str]:
     return lines
 
 
-_FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr"}
+def _warm_start(recipe: dict, history: list[dict]) -> list[str]:
+    steps = recipe.get("vision_steps", 0)
+    if not steps:
+        return ["- vision warm start: none"]
+    accuracy = f", held-out glyph-token accuracy {100 * history[-1]['val_glyph_accuracy']:.1f}%" if history else ""
+    return [f"- vision warm start: {steps} steps of {recipe['vision_batch_size']} questions (base and RoI views), "
+            f"peak lr {recipe['vision_lr']:g}; every image token classified as background or the digit whose "
+            f"glyph centre it holds{accuracy}",
+            f"- vision tower {'frozen' if recipe.get('freeze_vision') else 'trained'} while the projector and "
+            f"the language model train"]
+
+
+_FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
+          "vision_steps": "--vision-steps"}
 
 
 def _command(recipe: dict) -> str:
@@ -31,7 +44,8 @@ def _command(recipe: dict) -> str:
     from .train_model import TrainModelOptions
 
     defaults = json.loads(json.dumps(TrainModelOptions().recipe()))  # as training.json holds it
-    flags = [f"{flag} {recipe[key]:g}" for key, flag in _FLAGS.items() if key == "seed" or recipe[key] != defaults[key]]
+    flags = [f"{flag} {recipe[key]:g}" for key, flag in _FLAGS.items()
+             if key in recipe and (key == "seed" or recipe[key] != defaults[key])]
     other = [key for key in recipe if key not in _FLAGS and recipe[key] != defaults.get(key)]
     line = f"`sdrpn testbed train-model --data DIR --out DIR {' '.join(flags)}`"
     return line + (f" with a recipe that differs from the script's defaults in {', '.join(other)}" if other else "")
@@ -64,6 +78,7 @@ def model_card(summary: dict) -> str:
         "",
         f"- data: `sdrpn testbed generate --seed {data['seed']}` ({splits} questions)",
         f"- command: {_command(recipe)}",
+        *_warm_start(recipe, summary.get("vision_history", [])),
         f"- recipe: {recipe['steps']} steps of {recipe['batch_size']} questions, AdamW (0.9, 0.98), peak lr "
         f"{recipe['lr']:g} after {recipe['warmup_steps']} warmup steps, cosine to {recipe['min_lr_ratio']:g}x, "
         f"weight decay {recipe['weight_decay']:g}, clipping {recipe['max_grad_norm']:g}, "
