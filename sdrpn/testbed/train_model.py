@@ -72,8 +72,8 @@ class TrainModelOptions:
             train (LLaVA's recipe with a pretrained CLIP).
     """
 
-    steps: int = 6000
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
@@ -82,7 +82,7 @@ class TrainModelOptions:
     seed: int = 0
     view_mix: tuple[float, float, float] = (0.3, 0.5, 0.2)
     max_grow: int = 1
-    eval_every: int = 300
+    eval_every: int = 250
     eval_samples: int = 256
     save_every: int = 200
     bf16: bool = True
