@@ -183,9 +183,9 @@ def trained_weights(directory) -> dict[str, torch.Tensor]:
     return LlavaForConditionalGeneration.from_pretrained(directory, local_files_only=True).state_dict()
 
 
-def interrupt_at(monkeypatch, name: str, call: int) -> None:
-    """Makes the ``call``-th call of ``training.<name>`` raise KeyboardInterrupt."""
-    real, calls = getattr(training, name), []
+def interrupt_at(monkeypatch, name: str, call: int, module=training) -> None:
+    """Makes the ``call``-th call of ``module.<name>`` raise KeyboardInterrupt."""
+    real, calls = getattr(module, name), []
 
     def interrupted(*args):
         calls.append(1)
@@ -193,7 +193,7 @@ def interrupt_at(monkeypatch, name: str, call: int) -> None:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(training, name, interrupted)
+    monkeypatch.setattr(module, name, interrupted)
 
 
 def test_training_is_reproducible_and_resumes_exactly(data, tmp_path, monkeypatch):
@@ -212,13 +212,31 @@ def test_training_is_reproducible_and_resumes_exactly(data, tmp_path, monkeypatc
     monkeypatch.undo()
     training.train_model(data, tmp_path / "c", OPTIONS, spec=MICRO, progress=False)
 
-    first, second, resumed = (trained_weights(tmp_path / name) for name in "abc")
+    # Interrupted in the vision warm start's second step, after its checkpoint of step 1.
+    interrupt_at(monkeypatch, "_loss", 2, module=vision_warmup)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_model(data, tmp_path / "d", dataclasses.replace(OPTIONS, save_every=1), spec=MICRO,
+                             progress=False)
+    monkeypatch.undo()
+    real_loss, steps_run = vision_warmup._loss, []
+    monkeypatch.setattr(vision_warmup, "_loss", lambda *args: steps_run.append(1) or real_loss(*args))
+    training.train_model(data, tmp_path / "d", dataclasses.replace(OPTIONS, save_every=1), spec=MICRO,
+                         progress=False)
+    monkeypatch.undo()
+    assert len(steps_run) == 1  # only the warm start's second step was run again
+
+    first, second, resumed, resumed_in_warm_start = (trained_weights(tmp_path / name) for name in "abcd")
     for name, value in first.items():
         assert torch.equal(value, second[name]), name
         assert torch.equal(value, resumed[name]), name
-    histories = [[{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in
-                  json.loads((tmp_path / name / "training.json").read_text())["history"]] for name in "ac"]
-    assert histories[0] == histories[1]
+        assert torch.equal(value, resumed_in_warm_start[name]), name
+
+    def history(name: str, key: str) -> list[dict]:
+        entries = json.loads((tmp_path / name / "training.json").read_text())[key]
+        return [{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in entries]
+
+    assert history("a", "history") == history("c", "history") == history("d", "history")
+    assert history("a", "vision_history") == history("d", "vision_history") and history("a", "vision_history")
 
 
 def test_a_checkpoint_of_another_recipe_is_refused(data, tmp_path, monkeypatch):

@@ -248,9 +248,17 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
     if state is not None and state["identity"] != identity:
         raise UserError(f"{checkpoint} was written by another recipe or data set; remove it or use another --out")
     began = time.perf_counter()
-    if state is None and options.vision_steps:
+    in_warm_start = state is not None and state.get("stage") == "vision"
+    if in_warm_start:
+        elapsed = state["vision"]["elapsed"]
+    if options.vision_steps and (state is None or in_warm_start):
+        def save_warm_start(vision_state: dict) -> None:
+            _atomic_torch_save({"identity": identity, "stage": "vision", "vision": vision_state}, checkpoint)
+
         vision_history = warm_start_vision(model, adapter, processor, train, val, options, progress,
-                                           log=lambda line: tqdm.write(line))
+                                           log=lambda line: tqdm.write(line),
+                                           resume=state["vision"] if in_warm_start else None, save=save_warm_start)
+        state = None
     model.model.vision_tower.requires_grad_(not options.freeze_vision)
     optimizer, scheduler = _optimizer(model, options)
     if state is not None:
@@ -266,8 +274,8 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
                             "history": history, "vision_history": vision_history, "running": running,
                             "elapsed": elapsed + time.perf_counter() - began}, checkpoint)
 
-    if state is None and options.vision_steps:
-        save_checkpoint(0)  # the warm start is never redone
+    if start == 0 and options.vision_steps:
+        save_checkpoint(0)  # the finished warm start is never redone
     bar = tqdm(total=options.steps, initial=start, desc="training", unit="step", disable=not progress)
     for step in range(start, options.steps):
         rng = np.random.default_rng([options.seed, 2, step])

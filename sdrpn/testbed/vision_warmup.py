@@ -122,8 +122,8 @@ def glyph_accuracy(model, head, data, processor, geometry, grid, batch_size: int
     return correct / max(total, 1)
 
 
-def warm_start_vision(model, adapter, processor, train, val, options, progress: bool = True,
-                      log=print) -> list[dict]:
+def warm_start_vision(model, adapter, processor, train, val, options, progress: bool = True, log=print,
+                      resume: dict | None = None, save=None) -> list[dict]:
     """Trains ``model``'s vision tower in place; returns the history (loss, held-out glyph accuracy).
 
     ``options`` is the :class:`~sdrpn.testbed.train_model.TrainModelOptions` (its ``vision_*``
@@ -131,6 +131,9 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
     questions and trains on their base views and their RoI views (ground-truth cells grown by up
     to ``max_grow`` per side, as the language model sees them). AdamW with 100 warmup steps, then
     cosine decay. Deterministic from the seed.
+
+    Resumable: every ``options.save_every`` steps ``save`` (when given) receives the state dict
+    that ``resume`` takes back, and a resumed run continues as if never interrupted.
     """
     from tqdm.auto import tqdm
 
@@ -151,9 +154,17 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     geometry, grid = adapter.geometry, adapter.image_grid
-    history, running, began = [], [], time.perf_counter()
+    start, history, running, elapsed = 0, [], [], 0.0
+    if resume is not None:
+        tower.load_state_dict(resume["tower"])
+        head.load_state_dict(resume["head"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start, history, running, elapsed = resume["step"], resume["history"], resume["running"], resume["elapsed"]
+    began = time.perf_counter()
     tower.train()
-    for step in tqdm(range(steps), desc="vision warm start", unit="step", disable=not progress):
+    for step in tqdm(range(start, steps), desc="vision warm start", unit="step", initial=start, total=steps,
+                     disable=not progress):
         rng = np.random.default_rng([seed, 3, step])
         indices = batch_indices(step, options.vision_batch_size, len(train), seed + 1)
         batch = make_batch(train, indices, "box", processor, geometry, grid, rng, options.max_grow)
@@ -173,7 +184,11 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
             accuracy = glyph_accuracy(model, head, val, processor, geometry, grid)
             tower.train()
             history.append({"step": done, "loss": float(np.mean(running)), "val_glyph_accuracy": accuracy,
-                            "elapsed_s": round(time.perf_counter() - began, 1)})
+                            "elapsed_s": round(elapsed + time.perf_counter() - began, 1)})
             running = []
             log(f"vision step {done}: loss {history[-1]['loss']:.3f}, held-out glyph accuracy {accuracy:.3f}")
+        if save is not None and done % options.save_every == 0 and done < steps:
+            save({"step": done, "tower": tower.state_dict(), "head": head.state_dict(),
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                  "running": running, "elapsed": elapsed + time.perf_counter() - began})
     return history
