@@ -1,5 +1,7 @@
 """Training the testbed's tiny LLaVA from scratch (``sdrpn testbed train-model``).
 
+Two stages: the vision warm start (:mod:`sdrpn.testbed.vision_warmup`), then the projector and
+the language model (the tower frozen by default) on batches of :mod:`sdrpn.testbed.batches`.
 Each batch is one of three kinds of sequences, drawn at random:
 
 * ``single``: ``[system][image tokens][question][answer]``, the plain LLaVA layout;
