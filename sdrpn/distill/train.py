@@ -351,13 +351,17 @@ def roi_statistics(logits: torch.Tensor, labels: torch.Tensor, threshold: float)
             "union": float((predicted | foreground).sum())}
 
 
-def lr_factor(step: int, total_steps: int, warmup: float) -> float:
-    """Linear warmup over ``warmup`` of the steps, then cosine decay to zero."""
-    warmup_steps = max(1, math.ceil(warmup * total_steps))
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+    """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay to ``floor``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_factor(step: int, total_steps: int, warmup: float) -> float:
+    """Linear warmup over ``warmup`` of the steps, then cosine decay to zero."""
+    return warmup_cosine(step, max(1, math.ceil(warmup * total_steps)), total_steps)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..distill.train import warmup_cosine
 from ..errors import UserError
 from .batches import VIEW_MODES, Batch, QuestionSet, batch_indices, make_batch
 from .model_card import write_model_card
@@ -179,8 +180,7 @@ def evaluate(model, adapter, processor, data: QuestionSet, batch_size: int = 32)
 # ------------------------------------------------------------------------------------------------
 
 
-def _optimizer(model, options: TrainModelOptions):
-    trained = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(trained: list[torch.nn.Parameter], options: TrainModelOptions):
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
@@ -188,10 +188,7 @@ def _optimizer(model, options: TrainModelOptions):
                                   lr=options.lr, betas=(0.9, 0.98))
 
     def factor(step: int) -> float:
-        if step < options.warmup_steps:
-            return (step + 1) / options.warmup_steps
-        progress = (step - options.warmup_steps) / max(options.steps - options.warmup_steps, 1)
-        return options.min_lr_ratio + (1 - options.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return warmup_cosine(step, options.warmup_steps, options.steps, options.min_lr_ratio)
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -262,7 +259,8 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
                                            resume=state["vision"] if in_warm_start else None, save=save_warm_start)
         state = None
     model.model.vision_tower.requires_grad_(not options.freeze_vision)
-    optimizer, scheduler = _optimizer(model, options)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(trained, options)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -288,7 +286,7 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
             loss, correct = loss_and_correct(*answer_logits(model, adapter, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, options.max_grad_norm)
         optimizer.step()
         scheduler.step()
         running["loss"] += loss.item() * len(correct)

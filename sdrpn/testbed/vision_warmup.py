@@ -13,12 +13,13 @@ The per-token classifier is thrown away afterwards; only the tower's weights are
 
 from __future__ import annotations
 
-import math
 import time
+
 import numpy as np
 import torch
 from torch import nn
 
+from ..distill.train import warmup_cosine
 from .batches import batch_indices, make_batch
 
 __all__ = ["TokenDigitHead", "glyph_accuracy", "token_targets", "warm_start_vision"]
@@ -107,15 +108,16 @@ def _features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def glyph_accuracy(model, head, data, processor, geometry, grid, batch_size: int = 32) -> float:
+def glyph_accuracy(model, head, adapter, data, processor, bf16: bool = True, batch_size: int = 32) -> float:
     """Share of glyph tokens of ``data``'s tight RoI views classified right."""
+    geometry, grid = adapter.geometry, adapter.image_grid
     correct = total = 0
     for start in range(0, len(data), batch_size):
         indices = list(range(start, min(start + batch_size, len(data))))
         batch = make_batch(data, indices, "box", processor, geometry, grid)
         targets = _batch_targets(batch, data, indices, geometry, grid)[len(indices):]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            predicted = head(_features(model, batch.roi_pixel_values)).argmax(-1)
+        with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=bf16):
+            predicted = head(_features(model, batch.roi_pixel_values.to(adapter.device))).argmax(-1).cpu()
         glyph = targets > BACKGROUND
         correct += int((predicted[glyph] == targets[glyph]).sum())
         total += int(glyph.sum())
@@ -147,12 +149,7 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
     optimizer = torch.optim.AdamW(parameters, lr=options.vision_lr, betas=(0.9, 0.98),
                                   weight_decay=options.weight_decay)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(steps - warmup, 1), 1.0)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps))
     geometry, grid = adapter.geometry, adapter.image_grid
     start, history, running, elapsed = 0, [], [], 0.0
     if resume is not None:
@@ -181,7 +178,7 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
         done = step + 1
         if done % 250 == 0 or done == steps:
             tower.eval()
-            accuracy = glyph_accuracy(model, head, val, processor, geometry, grid)
+            accuracy = glyph_accuracy(model, head, adapter, val, processor, options.bf16)
             tower.train()
             history.append({"step": done, "loss": float(np.mean(running)), "val_glyph_accuracy": accuracy,
                             "elapsed_s": round(elapsed + time.perf_counter() - began, 1)})
