@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -361,27 +362,37 @@ def test_head_selection_parsing(tmp_path):
         HeadSelection.parse(str(tmp_path / "other.json"))
 
 
-def test_head_scorer_prefers_concentrated_image_attention():
+def test_head_scorer_prefers_concentrated_image_attention_that_moves_with_the_question():
     from sdrpn.distill.heads import HeadScorer
 
     tokens = 16
-    rows = torch.zeros(2, 4, 3, tokens)            # 2 samples, 4 heads, 3 queries
+    rows = torch.zeros(2, 5, 3, tokens)            # 2 samples, 5 heads, 3 queries
     rows[0, 0, :, 5] = 0.9                         # head 0: focused on the image, a different token per sample
     rows[1, 0, :, 9] = 0.9
     rows[:, 1] = 0.9 / tokens                      # head 1: spread evenly over the image
     rows[:, 2, :, 0] = 0.9                         # head 2: everything on the sink token 0
     rows[:, 2, :, 1:] = 0.001
-    rows[:, 3, :, 7] = 0.05                        # head 3: focused but mostly reading text
-    sink = torch.zeros(2, tokens, dtype=torch.bool)
+    rows[0, 3, :, 7] = 0.05                        # head 3: focused and moving, but mostly reading text
+    rows[1, 3, :, 2] = 0.05
+    rows[:, 4, :, 11] = 0.9                        # head 4: focused on the same token every time, a sink the
+    sink = torch.zeros(2, tokens, dtype=torch.bool)  # detector missed
     sink[:, 0] = True
-    scorer = HeadScorer([3], num_heads=4)
-    scorer.update(3, rows, torch.ones(2, 3, dtype=torch.bool), sink)
+    scorer = HeadScorer([3], num_heads=5)
+    scorer.update(3, rows[:1], torch.ones(1, 3, dtype=torch.bool), sink[:1])  # two batches add up
+    scorer.update(3, rows[1:], torch.ones(1, 3, dtype=torch.bool), sink[1:])
     table = scorer.table()
     assert [entry["head"] for entry in table[:2]] == [0, 3]
-    assert all(entry["score"] < 1e-4 for entry in table[2:])  # diffuse, and diffuse once the sink is removed
-    assert table[0]["concentration"] == pytest.approx(1.0) and table[-1]["concentration"] == pytest.approx(0.0, abs=1e-5)
-    assert table[0]["image_share"] == pytest.approx(0.9)
+    assert all(entry["score"] < 1e-4 for entry in table[2:])  # diffuse, or always in the same place
+    by_head = {entry["head"]: entry for entry in table}
+    # Two samples on disjoint single tokens: the divergence is log 2, normalised by log 16.
+    assert by_head[0]["specificity"] == pytest.approx(math.log(2) / math.log(tokens))
+    assert by_head[0]["score"] == pytest.approx(0.9 * math.log(2) / math.log(tokens))
+    assert by_head[4]["concentration"] == pytest.approx(1.0) and by_head[4]["specificity"] == pytest.approx(0.0, abs=1e-6)
+    assert by_head[1]["concentration"] == pytest.approx(0.0, abs=1e-5)
+    assert by_head[0]["image_share"] == pytest.approx(0.9)
     assert scorer.select(1).pairs == ((3, 0),) and scorer.samples == 2
+    with pytest.raises(ValueError, match="same number of image tokens"):
+        scorer.update(3, rows[:, :, :, :8], torch.ones(2, 3, dtype=torch.bool), sink[:, :8])
 
 
 def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, checkpoint, tmp_path, capsys):

@@ -269,7 +269,7 @@ def test_token_targets_mark_each_glyph_centre():
     assert cut.nonzero().flatten().tolist() == [3 * 12 + 0] and cut[36] == 11 + 7
 
 
-def test_the_warm_start_trains_the_vision_tower_only(data):
+def test_the_warm_start_trains_the_vision_tower_and_projector_only(data):
     torch.set_num_threads(1)
     processor = build_processor(MICRO)
     model = build_model(MICRO, seed=2).train()
@@ -279,7 +279,26 @@ def test_the_warm_start_trains_the_vision_tower_only(data):
     options = training.TrainModelOptions(vision_steps=3, vision_batch_size=4, seed=1)
     history = vision_warmup.warm_start_vision(model, adapter, processor, questions, questions, options,
                                               progress=False, log=lambda line: None)
-    assert [entry["step"] for entry in history] == [3] and 0.0 <= history[0]["val_glyph_accuracy"] <= 1.0
+    assert [entry["step"] for entry in history] == [3]
+    assert 0.0 <= history[0]["val_glyph_accuracy"] <= 1.0 and 0.0 <= history[0]["val_colour_accuracy"] <= 1.0
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
-    assert changed and all(name.startswith("model.vision_tower.") for name in changed)
+    assert changed and all(name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in changed)
     assert any("patch_embedding" in name for name in changed)
+    assert any("multi_modal_projector" in name for name in changed)
+
+
+def test_colour_targets_name_the_shape_colour_covering_half_a_patch():
+    from sdrpn.data.synthetic import COLORS
+
+    processor = build_processor(MICRO)
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    pixels = torch.full((1, 3, 16, 24), 200.0)                      # a pale background, 2x3 patches of 8
+    red, blue = torch.tensor(COLORS["red"]), torch.tensor(COLORS["blue"]) + 10  # within the tolerance
+    pixels[0, :, 0:8, 0:8] = red[:, None, None]                      # patch 0: all red
+    pixels[0, :, 0:4, 8:16] = blue[:, None, None]                    # patch 1: exactly half blue
+    pixels[0, :, 0:3, 16:24] = red[:, None, None]                    # patch 2: under half red
+    pixels[0, :, 8:16, 0:8] = (red - 60)[:, None, None]              # patch 3: a darker red, not a shape colour
+    normalised = (pixels / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    targets = vision_warmup.colour_targets(normalised, mean, std, patch=8)
+    colours = list(COLORS)
+    assert targets.tolist() == [[1 + colours.index("red"), 1 + colours.index("blue"), 0, 0, 0, 0]]

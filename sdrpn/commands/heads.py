@@ -15,8 +15,9 @@ EPILOG = """\
   sdrpn heads --model ckpt/llava-1.5-7b --data calibration.jsonl --image-root images --layers 8-20 --top 3
   sdrpn label --model ckpt/llava-1.5-7b --data train.json --image-root data --out labels --heads heads.json
 
-Each head is scored over the calibration answers by image share x concentration (1 - normalised
-spatial entropy of its answer-to-image map, sink tokens removed); see sdrpn.distill.heads.
+Each head is scored over the calibration answers by image share x specificity: the Jensen-Shannon
+divergence of its answer-to-image maps across questions (sink tokens removed), high only for a head
+that is concentrated and looks at a different place for every question; see sdrpn.distill.heads.
 The top heads are written to --out (default heads.json), which `sdrpn label --heads FILE` reads.
 LLaVA-1.5-7B preset (the authors' choice): layer 14, heads 13, 24, 26 (--heads llava-1.5-7b)."""
 

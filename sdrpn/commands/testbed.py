@@ -78,8 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--test-samples", type=positive_int, default=defaults.test_samples,
                       help=f"test questions to evaluate (default {defaults.test_samples})")
     loop.add_argument("--heads", metavar="SPEC", help="grounding heads LAYER:HEAD,... (default: run sdrpn heads)")
+    loop.add_argument("--sink-layer", type=int, default=defaults.sink_layer, metavar="L",
+                      help=f"layer the attention-sink detector reads (default {defaults.sink_layer})")
     loop.add_argument("--sink-threshold", type=float, default=defaults.sink_threshold,
-                      help=f"layer-2 attention of a sink token (default {defaults.sink_threshold})")
+                      help=f"mean attention of a sink token at --sink-layer (default {defaults.sink_threshold})")
     loop.add_argument("--rpn-epochs", type=positive_int, default=defaults.rpn_epochs,
                       help=f"RPN training epochs (default {defaults.rpn_epochs})")
     loop.add_argument("--rpn-lr", type=float, default=defaults.rpn_lr,
@@ -159,7 +161,7 @@ def _run_loop(args: argparse.Namespace) -> int:
         model = SHIPPED_MODEL
     options = dataclasses.replace(
         LoopOptions(), label_samples=args.label_samples, test_samples=args.test_samples, heads=args.heads,
-        sink_threshold=args.sink_threshold, rpn_epochs=args.rpn_epochs, rpn_lr=args.rpn_lr,
+        sink_layer=args.sink_layer, sink_threshold=args.sink_threshold, rpn_epochs=args.rpn_epochs, rpn_lr=args.rpn_lr,
         rpn_batch_size=args.rpn_batch_size, batch_size=args.batch_size, threshold=args.threshold,
         ablation=not args.no_ablation, **({"fractions": ()} if args.no_data_efficiency else {}))
     summary = run_loop(model, args.data, args.work, options, progress=not args.no_progress)

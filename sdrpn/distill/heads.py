@@ -5,22 +5,26 @@ A selection is written ``LAYER:HEAD,HEAD[;LAYER:HEAD,...]`` (``14:13,24,26``), n
 
 **Scoring.** A grounding head looks at a small part of the image, and a different part for every
 question. Over a calibration set, for each head and sample, with the head's answer-to-image
-attention averaged over the answer tokens:
+attention averaged over the answer tokens and ``p`` that map renormalised over the ``n`` image
+tokens that are not detected sinks:
 
 * ``image_share``: the fraction of the attention that lands on image tokens at all (a head that
   reads only text cannot ground anything);
-* ``concentration``: ``1 - H(p) / log(n)``, with ``p`` the map renormalised over the ``n``
-  image tokens that are not attention sinks; 1 for a single token, 0 for a uniform spread.
+* ``concentration``: ``1 - H(p) / log(n)``, 1 for a single token, 0 for a uniform spread;
+* ``specificity``: ``(H(mean p) - mean H(p)) / log(n)``, the Jensen-Shannon divergence of the
+  samples' maps (the information a map carries about which sample it came from). It is high only
+  for a head that is concentrated *and* looks somewhere else for every question.
 
-A head's score is the mean over samples of ``image_share * concentration``: both must be high for
-a head to rank high. Sinks are removed before the entropy because a head that dumps its attention
-on the same sink token for every question is perfectly "concentrated" yet says nothing about the
-question; this is the failure mode that makes raw entropy pick the wrong heads.
+A head's score is ``mean image_share * specificity``. Concentration alone is not enough: a head
+that parks its attention on the same few tokens for every question (a positional sink that the
+sink detector missed, common in small models) is concentrated yet says nothing about the
+question, and its specificity is near 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +121,8 @@ class HeadScorer:
         shape = (len(self.layers), num_heads)
         self._share = torch.zeros(shape, dtype=torch.float64)
         self._concentration = torch.zeros(shape, dtype=torch.float64)
-        self._score = torch.zeros(shape, dtype=torch.float64)
+        self._entropy = torch.zeros(shape, dtype=torch.float64)
+        self._map_sum: torch.Tensor | None = None      # (layers, heads, N): the sum of the maps p
         self._samples = torch.zeros(len(self.layers), dtype=torch.float64)
 
     def update(self, layer: int, rows: torch.Tensor, query_mask: torch.Tensor, sink: torch.Tensor) -> None:
@@ -139,10 +144,16 @@ class HeadScorer:
         tokens = (~sink).sum(dim=-1, keepdim=True).clamp(min=2).float()
         concentration = (1.0 - entropy / tokens.log()).clamp(0.0, 1.0)
         concentration = concentration.where(clean.sum(dim=-1) > 0, torch.zeros_like(concentration))
+        if self._map_sum is None:
+            self._map_sum = torch.zeros(len(self.layers), self.num_heads, image_map.shape[-1], dtype=torch.float64)
+        elif self._map_sum.shape[-1] != image_map.shape[-1]:
+            raise ValueError(f"every batch must have the same number of image tokens: "
+                             f"{self._map_sum.shape[-1]}, then {image_map.shape[-1]}")
         slot = self.layers.index(layer)
         self._share[slot] += share[keep].sum(dim=0).double().cpu()
         self._concentration[slot] += concentration[keep].sum(dim=0).double().cpu()
-        self._score[slot] += (share * concentration)[keep].sum(dim=0).double().cpu()
+        self._entropy[slot] += entropy[keep].sum(dim=0).double().cpu()
+        self._map_sum[slot] += probabilities[keep].sum(dim=0).double().cpu()
         self._samples[slot] += int(keep.sum())
 
     @property
@@ -153,9 +164,16 @@ class HeadScorer:
     def table(self) -> list[dict]:
         """Every (layer, head) with its mean statistics, best score first."""
         counts = self._samples.clamp(min=1.0)
+        share = self._share / counts[:, None]
+        specificity = torch.zeros_like(share)
+        if self._map_sum is not None:
+            mean_map = self._map_sum / counts[:, None, None]
+            mean_entropy = -(mean_map * mean_map.clamp(min=1e-12).log()).sum(dim=-1)
+            divergence = mean_entropy - self._entropy / counts[:, None]
+            specificity = (divergence / math.log(max(mean_map.shape[-1], 2))).clamp(min=0.0)
         entries = [
-            {"layer": layer, "head": head, "score": float(self._score[i, head] / counts[i]),
-             "image_share": float(self._share[i, head] / counts[i]),
+            {"layer": layer, "head": head, "score": float(share[i, head] * specificity[i, head]),
+             "image_share": float(share[i, head]), "specificity": float(specificity[i, head]),
              "concentration": float(self._concentration[i, head] / counts[i])}
             for i, layer in enumerate(self.layers) for head in range(self.num_heads)
         ]
@@ -171,11 +189,12 @@ class HeadScorer:
 def format_table(entries: list[dict], selected: HeadSelection | None = None, limit: int | None = 20) -> str:
     """The ranked table ``sdrpn heads`` prints."""
     chosen = set(selected.pairs) if selected else set()
-    lines = [f"{'rank':>4}  {'layer':>5}  {'head':>4}  {'score':>7}  {'image share':>11}  {'concentration':>13}"]
+    lines = [f"{'rank':>4}  {'layer':>5}  {'head':>4}  {'score':>7}  {'image share':>11}  {'specificity':>11}  "
+             f"{'concentration':>13}"]
     for rank, entry in enumerate(entries[:limit] if limit else entries, start=1):
         mark = "  *" if (entry["layer"], entry["head"]) in chosen else ""
         lines.append(f"{rank:>4}  {entry['layer']:>5}  {entry['head']:>4}  {entry['score']:>7.4f}  "
-                     f"{entry['image_share']:>11.4f}  {entry['concentration']:>13.4f}{mark}")
+                     f"{entry['image_share']:>11.4f}  {entry['specificity']:>11.4f}  {entry['concentration']:>13.4f}{mark}")
     return "\n".join(lines)
 
 

@@ -45,9 +45,12 @@ class LoopOptions:
         test_samples: test questions evaluated.
         heads: grounding heads (``LAYER:HEAD,...``); None runs ``sdrpn heads``.
         heads_samples: calibration questions of ``sdrpn heads``.
-        sink_threshold: attention-sink threshold of the labels (layer 2 attention, the default
-            detector). LLaVA-1.5's 1e-3 suits 576 image tokens; with 144, uniform attention alone is
-            about 6e-3, so the tiny model needs a larger one.
+        sink_layer, sink_threshold: the attention-sink detector of the labels (the default one,
+            the mean attention of every head of ``sink_layer``). LLaVA-1.5 reads it at layer 2,
+            below its grounding layer 14. The tiny model grounds at layer 2 already (the target
+            would be called a sink there) and parks attention on its first image tokens from
+            layer 4 on, so it reads layer 5. LLaVA-1.5's 1e-3 suits 576 image tokens; with 144,
+            uniform attention alone is about 6e-3, so the tiny model needs a larger threshold.
         start_layer, num_blocks: the RPN's K and T.
         rpn_lr, rpn_batch_size, rpn_epochs: the RPN recipe (steps are fixed by the full label set,
             so that the data-efficiency runs differ in data only).
@@ -62,6 +65,7 @@ class LoopOptions:
     test_samples: int = 500
     heads: str | None = None
     heads_samples: int = 64
+    sink_layer: int = 5
     sink_threshold: float = 0.02
     start_layer: int = 4
     num_blocks: int = 3
@@ -103,13 +107,15 @@ class Loop:
         if not path.is_file():
             self.command("heads", "--model", self.model, "--data", self.data / "train.jsonl", "--image-root", self.data,
                          "--max-samples", self.options.heads_samples, "--batch-size", self.options.batch_size,
-                         "--sink-threshold", self.options.sink_threshold, "--max-new-tokens", 8, "--out", path)
+                         "--sink-layer", self.options.sink_layer, "--sink-threshold", self.options.sink_threshold,
+                         "--max-new-tokens", 8, "--out", path)
         return str(path)
 
     def label(self, heads: str) -> Path:
         out = self.work / "labels"
         self.command("label", "--model", self.model, "--data", self.data / "train.jsonl", "--image-root", self.data,
-                     "--out", out, "--heads", heads, "--sink-threshold", self.options.sink_threshold,
+                     "--out", out, "--heads", heads, "--sink-layer", self.options.sink_layer,
+                     "--sink-threshold", self.options.sink_threshold,
                      "--max-samples", self.options.label_samples, "--batch-size", self.options.batch_size,
                      "--max-new-tokens", 8)
         return out

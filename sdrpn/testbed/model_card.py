@@ -26,12 +26,19 @@ def _warm_start(recipe: dict, history: list[dict]) -> list[str]:
     steps = recipe.get("vision_steps", 0)
     if not steps:
         return ["- vision warm start: none"]
-    accuracy = f", held-out glyph-token accuracy {100 * history[-1]['val_glyph_accuracy']:.1f}%" if history else ""
+    accuracy = ""
+    if history:
+        last = history[-1]
+        accuracy = f"; held-out glyph-token accuracy {100 * last['val_glyph_accuracy']:.1f}%"
+        if "val_colour_accuracy" in last:
+            accuracy += f", colour-token accuracy {100 * last['val_colour_accuracy']:.1f}%"
     return [f"- vision warm start: {steps} steps of {recipe['vision_batch_size']} questions (base and RoI views), "
-            f"peak lr {recipe['vision_lr']:g}; every image token classified as background or the digit whose "
-            f"glyph centre it holds{accuracy}",
+            f"peak lr {recipe['vision_lr']:g}; the tower and the projector learn to classify every image token "
+            f"as background or the digit whose glyph centre it holds, and by the shape colour that covers its "
+            f"patch{accuracy}",
             f"- vision tower {'frozen' if recipe.get('freeze_vision') else 'trained'} while the projector and "
-            f"the language model train"]
+            f"the language model train"
+            + ("; coarse questions always in a single view" if recipe.get("coarse_single_view") else "")]
 
 
 _FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",

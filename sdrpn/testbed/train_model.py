@@ -2,7 +2,8 @@
 
 Two stages: the vision warm start (:mod:`sdrpn.testbed.vision_warmup`), then the projector and
 the language model (the tower frozen by default) on batches of :mod:`sdrpn.testbed.batches`.
-Each batch is one of three kinds of sequences, drawn at random:
+Each batch is one of three kinds of sequences, drawn at random (coarse questions, by default,
+always in the first):
 
 * ``single``: ``[system][image tokens][question][answer]``, the plain LLaVA layout;
 * ``box``: ``[system][image tokens][RoI tokens][question][answer]``, the stage-2 layout of
@@ -73,12 +74,16 @@ class TrainModelOptions:
         vision_lr: the warm start's peak learning rate.
         freeze_vision: keep the vision tower fixed while the projector and the language model
             train (LLaVA's recipe with a pretrained CLIP).
+        coarse_single_view: always show coarse questions in a single view. They are the only
+            ones that teach the model to find the named shape and read it at the base resolution,
+            which is where self-distillation reads its labels; with a second view the model
+            could read them there instead.
     """
 
-    steps: int = 3000
+    steps: int = 4500
     batch_size: int = 16
     lr: float = 1e-3
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: float = 0.25
     warmup_steps: int = 200
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
@@ -93,6 +98,7 @@ class TrainModelOptions:
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
     freeze_vision: bool = True
+    coarse_single_view: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -178,6 +184,16 @@ def evaluate(model, adapter, processor, data: QuestionSet, batch_size: int = 32)
 # ------------------------------------------------------------------------------------------------
 # Training loop
 # ------------------------------------------------------------------------------------------------
+
+
+def _view_groups(data: QuestionSet, indices: list[int], mode: str, coarse_single_view: bool):
+    """``(indices, mode)`` groups of one step: all in ``mode``, or the coarse questions apart in
+    ``single`` when ``coarse_single_view``."""
+    if not coarse_single_view or mode == "single":
+        return [(indices, mode)]
+    coarse = [index for index in indices if data[index].subset == "coarse"]
+    rest = [index for index in indices if data[index].subset != "coarse"]
+    return [(group, group_mode) for group, group_mode in ((coarse, "single"), (rest, mode)) if group]
 
 
 def _optimizer(trained: list[torch.nn.Parameter], options: TrainModelOptions):
@@ -281,9 +297,15 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
         rng = np.random.default_rng([options.seed, 2, step])
         mode = VIEW_MODES[rng.choice(len(VIEW_MODES), p=options.view_mix)]
         indices = batch_indices(step, options.batch_size, len(train), options.seed)
-        batch = make_batch(train, indices, mode, processor, adapter.geometry, adapter.image_grid, rng, options.max_grow)
-        with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
-            loss, correct = loss_and_correct(*answer_logits(model, adapter, batch))
+        loss, correct = 0.0, []
+        for part, part_mode in _view_groups(train, indices, mode, options.coarse_single_view):
+            batch = make_batch(train, part, part_mode, processor, adapter.geometry, adapter.image_grid, rng,
+                               options.max_grow)
+            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+                part_loss, part_correct = loss_and_correct(*answer_logits(model, adapter, batch))
+            loss = loss + part_loss * (len(part) / len(indices))
+            correct.append(part_correct)
+        correct = torch.cat(correct)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, options.max_grad_norm)
