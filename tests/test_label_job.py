@@ -412,3 +412,32 @@ def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, chec
                    "--heads", str(out), "--sink", "none", "--max-new-tokens", "4", "--max-samples", "2",
                    "--out", str(tmp_path / "labels"), "--no-progress"])
     assert status == 0 and len(read_index(tmp_path / "labels")) == 2
+
+
+def test_labels_stuck_on_one_cell_are_flagged(tmp_path):
+    from sdrpn.distill.label_job import STUCK_MIN_VALID, stuck_foreground_warning
+    from sdrpn.distill.shards import completed_records, shard_name, write_shard
+
+    def shard(name: str, first_record: int, foreground) -> None:
+        count = len(foreground)
+        labels = torch.zeros(count, 4, 6, dtype=torch.int64)
+        for index, (row, col) in enumerate(foreground):
+            labels[index, row, col] = 1
+        rows = [{"record": first_record + i, "question_id": str(first_record + i), "valid": True} for i in range(count)]
+        rows[-1]["valid"] = False  # an invalid label never counts
+        labels[-1] = 1 if name == "stuck" else 0
+        write_shard(tmp_path / name / shard_name(0, first_record),
+                    {"grounding": torch.rand(count, 24), "sink": torch.zeros(count, 24, dtype=torch.bool),
+                     "labels": labels}, rows)
+
+    (tmp_path / "stuck").mkdir()
+    (tmp_path / "moving").mkdir()
+    half = STUCK_MIN_VALID // 2 + 1
+    for first in (0, half):  # two shards each
+        shard("stuck", first, [(1, 2)] * half)
+        shard("moving", first, [(index % 4, index % 6) for index in range(half)])
+    stuck = stuck_foreground_warning(tmp_path / "stuck", list(completed_records(tmp_path / "stuck").values()))
+    assert stuck is not None and "(row 1, column 2)" in stuck and f"100% of the {2 * half - 2} valid" in stuck
+    assert stuck_foreground_warning(tmp_path / "moving", list(completed_records(tmp_path / "moving").values())) is None
+    few = [row for row in completed_records(tmp_path / "stuck").values() if row["record"] < 3]
+    assert stuck_foreground_warning(tmp_path / "stuck", few) is None  # too few labels to tell

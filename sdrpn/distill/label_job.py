@@ -38,6 +38,7 @@ from .shards import (
     atomic_write,
     completed_records,
     next_sequence,
+    read_shard,
     remove_temporary_files,
     shard_name,
     write_index,
@@ -48,6 +49,8 @@ from .sinks import SinkSpec
 SETTINGS_NAME = "run.json"
 ISSUES_NAME = "issues.jsonl"
 SETTINGS_FORMAT = "sdrpn-label-run/1"
+# Labels whose foreground holds the same cell this often do not follow the questions.
+STUCK_SHARE, STUCK_MIN_VALID = 0.9, 20
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class LabelSummary:
     total_samples: int = 0
     total_valid: int = 0
     issues: list[RecordIssue] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def report(self) -> str:
         lines = [f"labelled {self.labelled} samples in this run ({self.valid} with valid labels); "
@@ -156,7 +160,29 @@ class LabelSummary:
         if converted:
             lines.append(f"converted {len(converted)} non-RGB image{'s' if len(converted) != 1 else ''} to RGB "
                          f"(listed in {ISSUES_NAME})")
+        lines.extend(f"warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
+
+
+def stuck_foreground_warning(out_dir: Path, rows: Sequence[dict]) -> str | None:
+    """A warning when one grid cell is foreground in at least :data:`STUCK_SHARE` of the valid
+    labels: the grounding heads then look at the same place whatever the question, usually an
+    attention sink the detector missed, and an RPN trained on them learns that place."""
+    valid = [row for row in rows if row["valid"]]
+    if len(valid) < STUCK_MIN_VALID:
+        return None
+    counts = None
+    for shard in sorted({row["shard"] for row in valid}):
+        labels = read_shard(out_dir / shard)[0]["labels"]
+        picked = labels[[row["row"] for row in valid if row["shard"] == shard]] == 1
+        counts = picked.sum(dim=0) if counts is None else counts + picked.sum(dim=0)
+    share = counts.max().item() / len(valid)
+    if share < STUCK_SHARE:
+        return None
+    cell_row, cell_col = divmod(int(counts.argmax()), counts.shape[1])
+    return (f"grid cell (row {cell_row}, column {cell_col}) is foreground in {100 * share:.0f}% of the "
+            f"{len(valid)} valid labels: the labels do not follow the questions. The heads may be reading an "
+            f"attention sink; rank them with `sdrpn heads`, or detect sinks elsewhere (--sink, --sink-layer).")
 
 
 def _reason_kind(reason: str) -> str:
@@ -235,6 +261,7 @@ def run_label_job(
                      "".join(json.dumps(issue.to_dict()) + "\n" for issue in summary.issues).encode())
         summary.total_samples = len(rows)
         summary.total_valid = sum(row["valid"] for row in rows.values())
+        summary.warnings = [warning for warning in [stuck_foreground_warning(out_dir, list(rows.values()))] if warning]
     return summary
 
 
