@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=positive_int, help="questions per step (default: the recipe's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     train.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
+    train.add_argument("--refine-steps", type=int, metavar="N",
+                       help="steps after the main schedule at a constant lr with coarse questions in single "
+                            "views; 0 skips them (default: the recipe's)")
     train.add_argument("--vision-steps", type=int, metavar="N",
                        help="steps of the vision warm start before the language model trains; 0 skips it "
                             "(default: the recipe's)")
@@ -129,15 +132,17 @@ def _train_model(args: argparse.Namespace) -> int:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.vision_steps is not None and args.vision_steps < 0:
         raise UserError(f"--vision-steps must be 0 or more, got {args.vision_steps}")
+    if args.refine_steps is not None and args.refine_steps < 0:
+        raise UserError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "eval_every": args.eval_every, "vision_steps": args.vision_steps}
+               "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps}
     options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)
     final = summary["final"] or {}
     accuracy = ", ".join(f"{name} {value:.1%}" for name, value in final.items())
-    print(f"{args.out}: trained {options.steps} steps in {summary['train_seconds'] / 60:.1f} min; "
+    print(f"{args.out}: trained {options.total_steps} steps in {summary['train_seconds'] / 60:.1f} min; "
           f"validation accuracy: {accuracy}")
     return 0
 

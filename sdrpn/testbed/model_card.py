@@ -26,23 +26,16 @@ def _warm_start(recipe: dict, history: list[dict]) -> list[str]:
     steps = recipe.get("vision_steps", 0)
     if not steps:
         return ["- vision warm start: none"]
-    accuracy = ""
-    if history:
-        last = history[-1]
-        accuracy = f"; held-out glyph-token accuracy {100 * last['val_glyph_accuracy']:.1f}%"
-        if "val_colour_accuracy" in last:
-            accuracy += f", colour-token accuracy {100 * last['val_colour_accuracy']:.1f}%"
+    accuracy = f", held-out glyph-token accuracy {100 * history[-1]['val_glyph_accuracy']:.1f}%" if history else ""
     return [f"- vision warm start: {steps} steps of {recipe['vision_batch_size']} questions (base and RoI views), "
-            f"peak lr {recipe['vision_lr']:g}; the tower and the projector learn to classify every image token "
-            f"as background or the digit whose glyph centre it holds, and by the shape colour that covers its "
-            f"patch{accuracy}",
+            f"peak lr {recipe['vision_lr']:g}; every image token classified as background or the digit whose "
+            f"glyph centre it holds{accuracy}",
             f"- vision tower {'frozen' if recipe.get('freeze_vision') else 'trained'} while the projector and "
-            f"the language model train"
-            + ("; coarse questions always in a single view" if recipe.get("coarse_single_view") else "")]
+            f"the language model train"]
 
 
 _FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
-          "vision_steps": "--vision-steps"}
+          "vision_steps": "--vision-steps", "refine_steps": "--refine-steps"}
 
 
 def _command(recipe: dict) -> str:
@@ -90,6 +83,8 @@ def model_card(summary: dict) -> str:
         f"{recipe['lr']:g} after {recipe['warmup_steps']} warmup steps, cosine to {recipe['min_lr_ratio']:g}x, "
         f"weight decay {recipe['weight_decay']:g}, clipping {recipe['max_grad_norm']:g}, "
         f"bfloat16 autocast {'on' if recipe.get('bf16') else 'off'}",
+        *([f"- refinement: {recipe['refine_steps']} more steps at a constant lr {recipe['refine_lr']:g}, every coarse "
+           f"question in a single view"] if recipe.get("refine_steps") else []),
         f"- views per batch (single / box RoI / masked RoI): {' / '.join(f'{p:g}' for p in recipe['view_mix'])}",
         f"- time: {summary['train_seconds'] / 60:.0f} min on {env['threads']} CPU thread(s) ({env['machine']}), "
         f"torch {env['torch']}, transformers {env['transformers']}",

@@ -1,24 +1,14 @@
-"""Vision warm start of the testbed's tiny LLaVA: the CLIP tower and the projector learn to see first.
+"""Vision warm start of the testbed's tiny LLaVA: the CLIP tower learns to see the digits first.
 
 A real LLaVA starts from a pretrained CLIP. The testbed model starts from nothing, and a ViT that
 learns only through the language model's answer loss gets no glyph features in a CPU budget: the
 answer cannot attend to features that do not exist yet, so the loss stays at the digit prior (the
-record in ``benchmarks/results/testbed``). So ``train-model`` first trains the vision tower and the
-projector alone, with two dense targets for each image token, read by linear classifiers from the
-projected tokens the language model will see:
-
-* the digit: background, or the tens or the ones digit whose glyph centre lies in its patch (from
-  the generator's ink boxes). Glyphs unreadable in a view (fine numbers in a base view) are ignored
-  rather than called background;
-* the colour: the shape colour (one of :data:`~sdrpn.data.synthetic.COLORS`) that covers at least
-  half of its patch, or none (from the view's pixels). Without it the projected tokens keep little
-  colour: in a model trained after a digits-only warm start, a linear probe read the target's
-  colour from 34% of its projected centre tokens, against 86% of the tower's own outputs. A
-  question names its shape by colour, and the language model's attention cannot find "the red
-  square" in tokens that do not say red.
-
-The views are those the language model is then trained on, base views and the engine's RoI views.
-The classifiers are thrown away afterwards; the tower's and the projector's weights are kept.
+record in ``benchmarks/results/testbed``). So ``train-model`` first trains the vision tower alone,
+with dense targets from the generator's ground truth: each image token of a view is classified as
+background, or as the tens or the ones digit whose glyph centre lies in its patch. The views are
+those the language model is then trained on, base views and the engine's RoI views; glyphs that
+are unreadable in a view (fine numbers in a base view) are ignored rather than called background.
+The per-token classifier is thrown away afterwards; only the tower's weights are kept.
 """
 
 from __future__ import annotations
@@ -29,31 +19,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.synthetic import COLORS
 from ..distill.train import warmup_cosine
 from .batches import batch_indices, make_batch
 
-__all__ = ["TokenHead", "colour_targets", "held_out_accuracy", "token_targets", "warm_start_vision"]
+__all__ = ["TokenDigitHead", "glyph_accuracy", "token_targets", "warm_start_vision"]
 
 BACKGROUND, IGNORE = 0, -100
 NUM_CLASSES = 21  # background, tens digit 0-9, ones digit 0-9
-NUM_COLOURS = 1 + len(COLORS)  # none, then the shape colours in COLORS order
-COLOUR_TOLERANCE = 24  # per channel; the background and ink colours are >= 100 away from every shape colour
 
 
-class TokenHead(nn.Module):
-    """Linear classifiers of each image token's features: :data:`NUM_CLASSES` digit classes and
-    :data:`NUM_COLOURS` colour classes."""
+class TokenDigitHead(nn.Module):
+    """A linear classifier of each image token's features into :data:`NUM_CLASSES` classes."""
 
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.digits = nn.Linear(width, NUM_CLASSES)
-        self.colours = nn.Linear(width, NUM_COLOURS)
+        self.classify = nn.Linear(width, NUM_CLASSES)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.norm(tokens)
-        return self.digits(tokens), self.colours(tokens)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.norm(tokens))
 
 
 def _glyph_centres(number: str, box) -> list[tuple[int, float, float]]:
@@ -84,18 +68,6 @@ def token_targets(details, to_view, view_size: int, grid: tuple[int, int], reada
     return targets
 
 
-def colour_targets(pixel_values: torch.Tensor, mean, std, patch: int) -> torch.Tensor:
-    """(B, H * W) int64 colour class of each patch of normalised views ``(B, 3, H * patch, W * patch)``:
-    ``1 + i`` where the colour ``i`` of :data:`COLORS` covers at least half the patch, else 0."""
-    scale = 255.0 * torch.tensor(std, dtype=torch.float32)[:, None, None]
-    pixels = pixel_values.float() * scale + 255.0 * torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)[:, :, None, None]   # (C, 3, 1, 1)
-    near = ((pixels[:, None] - palette[None]).abs().amax(dim=2) <= COLOUR_TOLERANCE).float()  # (B, C, H, W)
-    cover = nn.functional.avg_pool2d(near, patch).flatten(2)                                  # (B, C, tokens)
-    share, colour = cover.max(dim=1)
-    return torch.where(share >= 0.5, colour + 1, torch.zeros_like(colour))
-
-
 def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
     """(2B, H * W) targets of a batch's base views, then its RoI views."""
     view_size = geometry.input_size[0]
@@ -118,53 +90,43 @@ def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
     return torch.stack(base + roi)
 
 
-def _balanced_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the rare positive tokens (a glyph, a colour) and the class-0 tokens
-    weighted equally: glyphs are ~1% of the tokens, coloured patches ~10%."""
-    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    positive, negative = targets > 0, targets == 0
-    loss = nn.functional.cross_entropy(logits[negative], targets[negative])
-    if positive.any():
-        loss = 0.5 * loss + 0.5 * nn.functional.cross_entropy(logits[positive], targets[positive])
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with glyph and background tokens weighted equally (glyphs are ~1% of tokens)."""
+    logits, targets = logits.reshape(-1, NUM_CLASSES), targets.reshape(-1)
+    glyph, background = targets > BACKGROUND, targets == BACKGROUND
+    loss = nn.functional.cross_entropy(logits[background], targets[background])
+    if glyph.any():
+        loss = 0.5 * loss + 0.5 * nn.functional.cross_entropy(logits[glyph], targets[glyph])
     return loss
 
 
-def _loss(outputs, digit_targets: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-    digit_logits, colour_logits = outputs
-    return _balanced_loss(digit_logits.float(), digit_targets) + _balanced_loss(colour_logits.float(), colours)
-
-
-def _colours(pixel_values: torch.Tensor, processor, adapter) -> torch.Tensor:
-    image_processor = processor.image_processor
-    patch = pixel_values.shape[-1] // adapter.image_grid[1]
-    return colour_targets(pixel_values, image_processor.image_mean, image_processor.image_std, patch)
+def _features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The image-token features LLaVA projects (CLS dropped), under autograd."""
+    layer = model.config.vision_feature_layer
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[layer][:, 1:]
 
 
 @torch.no_grad()
-def held_out_accuracy(model, head, adapter, data, processor, bf16: bool = True, batch_size: int = 32) -> dict:
-    """``{"glyph": ..., "colour": ...}``: the share of glyph tokens of ``data``'s tight RoI views
-    and of coloured tokens of its base views that the classifiers get right."""
+def glyph_accuracy(model, head, adapter, data, processor, bf16: bool = True, batch_size: int = 32) -> float:
+    """Share of glyph tokens of ``data``'s tight RoI views classified right."""
     geometry, grid = adapter.geometry, adapter.image_grid
-    counts = {"glyph": [0, 0], "colour": [0, 0]}
+    correct = total = 0
     for start in range(0, len(data), batch_size):
         indices = list(range(start, min(start + batch_size, len(data))))
         batch = make_batch(data, indices, "box", processor, geometry, grid)
-        digits = _batch_targets(batch, data, indices, geometry, grid)[len(indices):]
-        colours = _colours(batch.pixel_values, processor, adapter)
+        targets = _batch_targets(batch, data, indices, geometry, grid)[len(indices):]
         with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=bf16):
-            digit_logits = head(adapter.encode_images(batch.roi_pixel_values.to(adapter.device)))[0]
-            colour_logits = head(adapter.encode_images(batch.pixel_values.to(adapter.device)))[1]
-        for name, logits, targets in (("glyph", digit_logits, digits), ("colour", colour_logits, colours)):
-            positive = targets > 0
-            counts[name][0] += int((logits.argmax(-1).cpu()[positive] == targets[positive]).sum())
-            counts[name][1] += int(positive.sum())
-    return {name: correct / max(total, 1) for name, (correct, total) in counts.items()}
+            predicted = head(_features(model, batch.roi_pixel_values.to(adapter.device))).argmax(-1).cpu()
+        glyph = targets > BACKGROUND
+        correct += int((predicted[glyph] == targets[glyph]).sum())
+        total += int(glyph.sum())
+    return correct / max(total, 1)
 
 
 def warm_start_vision(model, adapter, processor, train, val, options, progress: bool = True, log=print,
                       resume: dict | None = None, save=None) -> list[dict]:
-    """Trains ``model``'s vision tower and projector in place; returns the history (loss, held-out
-    glyph and colour accuracies).
+    """Trains ``model``'s vision tower in place; returns the history (loss, held-out glyph accuracy).
 
     ``options`` is the :class:`~sdrpn.testbed.train_model.TrainModelOptions` (its ``vision_*``
     fields, seed, weight decay, growth and bf16). Each step draws ``vision_batch_size`` training
@@ -177,13 +139,13 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
     """
     from tqdm.auto import tqdm
 
-    vision = nn.ModuleDict({"tower": model.model.vision_tower, "projector": model.model.multi_modal_projector})
+    tower = model.model.vision_tower
     steps, seed = options.vision_steps, options.seed
     warmup = min(100, max(steps // 10, 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = TokenHead(model.config.get_text_config().hidden_size)
-    parameters = [*vision.parameters(), *head.parameters()]
+        head = TokenDigitHead(model.config.vision_config.hidden_size)
+    parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=options.vision_lr, betas=(0.9, 0.98),
                                   weight_decay=options.weight_decay)
 
@@ -191,24 +153,22 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
     geometry, grid = adapter.geometry, adapter.image_grid
     start, history, running, elapsed = 0, [], [], 0.0
     if resume is not None:
-        vision.load_state_dict(resume["vision"])
+        tower.load_state_dict(resume["tower"])
         head.load_state_dict(resume["head"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         start, history, running, elapsed = resume["step"], resume["history"], resume["running"], resume["elapsed"]
     began = time.perf_counter()
-    vision.train()
+    tower.train()
     for step in tqdm(range(start, steps), desc="vision warm start", unit="step", initial=start, total=steps,
                      disable=not progress):
         rng = np.random.default_rng([seed, 3, step])
         indices = batch_indices(step, options.vision_batch_size, len(train), seed + 1)
         batch = make_batch(train, indices, "box", processor, geometry, grid, rng, options.max_grow)
-        digits = _batch_targets(batch, train, indices, geometry, grid)
+        targets = _batch_targets(batch, train, indices, geometry, grid)
         views = torch.cat([batch.pixel_values, batch.roi_pixel_values])
-        colours = _colours(views, processor, adapter)
         with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
-            outputs = head(adapter.encode_images(views.to(adapter.device)))
-        loss = _loss(outputs, digits.to(adapter.device), colours.to(adapter.device))
+            loss = _loss(head(_features(model, views.to(adapter.device))).float(), targets.to(adapter.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -217,17 +177,15 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
         running.append(loss.item())
         done = step + 1
         if done % 250 == 0 or done == steps:
-            vision.eval()
-            accuracy = held_out_accuracy(model, head, adapter, val, processor, options.bf16)
-            vision.train()
-            history.append({"step": done, "loss": float(np.mean(running)), "val_glyph_accuracy": accuracy["glyph"],
-                            "val_colour_accuracy": accuracy["colour"],
+            tower.eval()
+            accuracy = glyph_accuracy(model, head, adapter, val, processor, options.bf16)
+            tower.train()
+            history.append({"step": done, "loss": float(np.mean(running)), "val_glyph_accuracy": accuracy,
                             "elapsed_s": round(elapsed + time.perf_counter() - began, 1)})
             running = []
-            log(f"vision step {done}: loss {history[-1]['loss']:.3f}, held-out glyph accuracy "
-                f"{accuracy['glyph']:.3f}, colour accuracy {accuracy['colour']:.3f}")
+            log(f"vision step {done}: loss {history[-1]['loss']:.3f}, held-out glyph accuracy {accuracy:.3f}")
         if save is not None and done % options.save_every == 0 and done < steps:
-            save({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
+            save({"step": done, "tower": tower.state_dict(), "head": head.state_dict(),
                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
                   "running": running, "elapsed": elapsed + time.perf_counter() - began})
     return history
