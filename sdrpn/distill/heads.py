@@ -11,9 +11,10 @@ tokens that are not detected sinks:
 * ``image_share``: the fraction of the attention that lands on image tokens at all (a head that
   reads only text cannot ground anything);
 * ``concentration``: ``1 - H(p) / log(n)``, 1 for a single token, 0 for a uniform spread;
-* ``specificity``: ``(H(mean p) - mean H(p)) / log(n)``, the Jensen-Shannon divergence of the
-  samples' maps (the information a map carries about which sample it came from). It is high only
-  for a head that is concentrated *and* looks somewhere else for every question.
+* ``specificity``: ``(H(mean p) - mean H(p)) / log(N)``, with ``N`` all the image tokens: the
+  Jensen-Shannon divergence of the samples' maps (the information a map carries about which
+  sample it came from). It is high only for a head that is concentrated *and* looks somewhere
+  else for every question.
 
 A head's score is ``mean image_share * specificity``. Concentration alone is not enough: a head
 that parks its attention on the same few tokens for every question (a positional sink that the

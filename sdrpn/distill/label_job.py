@@ -261,7 +261,8 @@ def run_label_job(
                      "".join(json.dumps(issue.to_dict()) + "\n" for issue in summary.issues).encode())
         summary.total_samples = len(rows)
         summary.total_valid = sum(row["valid"] for row in rows.values())
-        summary.warnings = [warning for warning in [stuck_foreground_warning(out_dir, list(rows.values()))] if warning]
+        stuck = stuck_foreground_warning(out_dir, list(rows.values()))
+        summary.warnings = [stuck] if stuck else []
     return summary
 
 
