@@ -319,6 +319,21 @@ def test_eval_jsonl_baseline_and_sdrpn(capsys, checkpoint, tmp_path):
     assert json.loads(out.read_text())["methods"]["sdrpn"]["score"] == sdrpn["score"]
 
 
+def test_eval_without_a_preset_uses_the_rpns_own_threshold(capsys, checkpoint, tmp_path):
+    from helpers.tiny_models import tiny_llava
+    from sdrpn import RPN
+
+    RPN.from_model(tiny_llava()[0], 2, 2, threshold=0.07).save_pretrained(tmp_path / "rpn")
+    data = write_jsonl_benchmark(tmp_path / "data", count=1)
+    out = tmp_path / "results.json"
+    status, _, err = run_cli(capsys, "eval", "--model", checkpoint / "model", "--rpn", tmp_path / "rpn",
+                             "--device", "cpu", "--benchmark", "jsonl", "--data", data, "--method", "sdrpn",
+                             "--max-new-tokens", "2",
+                             "--no-progress", "--out", out)
+    assert status == 0, err
+    assert json.loads(out.read_text())["methods"]["sdrpn"]["settings"]["threshold"] == 0.07
+
+
 @pytest.mark.parametrize(
     "case, argv, fragments",
     [

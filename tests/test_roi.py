@@ -156,6 +156,7 @@ def test_threshold_presets_match_the_benchmarks():
 
     for name, threshold in THRESHOLDS.items():
         assert BENCHMARKS[name].threshold == threshold
+    assert BENCHMARKS["jsonl"].threshold is None  # no preset: the RPN's own threshold
 
 
 def test_invalid_options():

@@ -11,15 +11,18 @@ import torch
 from sdrpn import RPN
 from sdrpn.distill.labels import IGNORE_INDEX, assign_labels
 from sdrpn.distill.train import (
+    CALIBRATION_THRESHOLDS,
     CHECKPOINT_NAME,
     LabelSet,
     TrainOptions,
     TrainSample,
     bce_sum,
+    calibrated_threshold,
     epoch_order,
     keep_sink_labels,
     lr_factor,
     read_label_set,
+    roi_overlaps,
     roi_statistics,
     split_held_out,
     train_rpn,
@@ -52,6 +55,41 @@ def test_bce_and_iou_skip_ignored_cells():
     stats = roi_statistics(logits, labels, 0.5)
     # predicted fg: (0,0), (0,2), (1,1); labelled fg: (0,0), (1,1), (1,2); the ignored 100.0 does not count.
     assert stats["intersection"] == 2 and stats["union"] == 4
+
+
+def test_roi_overlaps_follow_the_engines_blurred_mask():
+    from sdrpn.ops import reference
+
+    grid = (4, 4)
+    logits = torch.randn(3, 16) * 3
+    labels = torch.randint(0, 2, (3, 16))
+    labels[:, ::5] = IGNORE_INDEX
+    thresholds = (0.1, 0.5, 0.9)
+    overlaps = roi_overlaps(logits, labels, grid, thresholds)
+    keep = labels != IGNORE_INDEX
+    for row, threshold in enumerate(thresholds):
+        _, mask = reference.roi_mask(logits.view(3, *grid), threshold)
+        mask = mask.flatten(1) & keep
+        ious = [float((m & (l == 1)).sum()) / max(float((m | (l == 1)).sum()), 1.0) for m, l in zip(mask, labels)]
+        assert overlaps[row].tolist() == pytest.approx([sum(ious), 3.0])
+
+
+def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
+    # A sure 2x2 foreground block in a 6x6 grid. Blurred, the block stays at 0.527, its edge
+    # neighbours fall to 0.199 and its corner neighbours to 0.075: every threshold from 0.2 to 0.5
+    # gives the block exactly, lower ones add neighbours.
+    labels = torch.zeros(1, 36, dtype=torch.long)
+    block = [14, 15, 20, 21]
+    labels[0, block] = 1
+    logits = torch.full((1, 36), -12.0)
+    logits[0, block] = 12.0
+    overlaps = roi_overlaps(logits, labels, (6, 6))
+    ious = dict(zip(CALIBRATION_THRESHOLDS, (overlaps[:, 0] / overlaps[:, 1]).tolist()))
+    assert [ious[t] for t in (0.2, 0.3, 0.4, 0.5)] == [1.0] * 4
+    assert ious[0.15] == pytest.approx(4 / 12) and ious[0.05] == pytest.approx(4 / 16)
+    assert calibrated_threshold(overlaps) == 0.5  # the largest of the tied best
+    assert calibrated_threshold(torch.tensor([[1.0, 2.0], [1.5, 2.0], [0.0, 2.0]], dtype=torch.float64),
+                                (0.1, 0.2, 0.3)) == 0.2
 
 
 # The label rules of a hand-built 4x4 label run (assign_labels' defaults).
@@ -150,21 +188,27 @@ def test_training_lowers_the_loss_and_beats_the_untrained_rpn(labelled, tmp_path
         torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.float())
     assert loaded.config["labels"]["heads"] == [[1, 2]]
     assert loaded.config["labels"]["target"] == "labels" and loaded.config["labels"]["keep_sinks"] is False
+    # Its RoI threshold is the calibrated one: the best mean held-out IoU of the final evaluation.
+    overlaps = torch.tensor(after["roi_overlaps"], dtype=torch.float64)
+    assert loaded.threshold == calibrated_threshold(overlaps) and loaded.threshold in CALIBRATION_THRESHOLDS
+    assert overlaps[:, 1].tolist() == [8.0] * len(CALIBRATION_THRESHOLDS)
 
 
 def test_attention_target_trains_is_recorded_and_does_not_resume_as_labels(labelled, tmp_path):
     label_set = read_label_set(labelled)
     options = dict(**OPTIONS, epochs=6, keep_sinks=True)
     result = train_rpn(*sharpened_tiny_llava(), label_set, tmp_path / "rpn",
-                       TrainOptions(**options, target="attention"), progress=False)
+                       TrainOptions(**options, target="attention", threshold=0.25), progress=False)
     losses = [entry["loss"] for entry in result.history]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     # The held-out metrics are still those of the 3-valued labels, on the same samples.
     before, after = result.evaluations[0], result.evaluations[-1]
     assert after["held_out_samples"] == 8 and after["held_out_bce"] < before["held_out_bce"]
 
-    config = RPN.from_pretrained(tmp_path / "rpn", sharpened_tiny_llava()[0]).config
+    loaded = RPN.from_pretrained(tmp_path / "rpn", sharpened_tiny_llava()[0])
+    config = loaded.config
     assert config["labels"]["target"] == "attention" and config["labels"]["keep_sinks"] is True
+    assert loaded.threshold == 0.25  # asked for: no calibration
     with pytest.raises(UserError, match="other settings"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path / "rpn", TrainOptions(**options, target="labels"),
                   progress=False)
@@ -208,6 +252,9 @@ def test_options_are_checked(labelled, tmp_path):
                   progress=False)
     with pytest.raises(UserError, match="expected one of labels, attention"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**OPTIONS, target="raw"),
+                  progress=False)
+    with pytest.raises(UserError, match="--threshold 1.5: expected a probability"):
+        train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**OPTIONS, threshold=1.5),
                   progress=False)
     with pytest.raises(UserError, match="do not fill one batch"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path, TrainOptions(**{**OPTIONS, "batch_size": 512}),

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="RoI upscaling of the SD-RPN methods: box for one component, masked for more "
                           "(mask, the default), or always the box enclosing the mask (box)")
     run.add_argument("--threshold", type=probability, metavar="T",
-                     help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA)")
+                     help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA, "
+                          "else the RPN's own)")
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
     run.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="questions per batch (default 1)")
     run.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",

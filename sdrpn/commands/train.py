@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, positive_int
+from .common import add_model_arguments, existing_dir, positive_int, probability
 
 HELP = "Train an RPN on pseudo-labels and save it with RPN.save_pretrained."
 EPILOG = """\
@@ -19,7 +19,10 @@ held out for the RoI metrics (IoU of the predicted mask with the foreground labe
 same command to resume from the last checkpoint in --out (written every --save-every steps).
 --batch-size is the global batch: processes x --grad-accum x micro-batch.
 --target attention and --keep-sinks are ablations; the held-out metrics still use the 3-valued
-labels (recomputed with sinks kept under --keep-sinks), on the same samples for either target."""
+labels (recomputed with sinks kept under --keep-sinks), on the same samples for either target.
+The RPN's RoI threshold (config.json; what demo, show, generate and eval use unless told otherwise)
+is calibrated on the held-out samples: of 0.01 .. 0.5, the one whose blurred RoI masks best overlap
+the foreground labels. --threshold sets it instead."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on every cell (ablation) (default labels)")
     recipe.add_argument("--keep-sinks", action="store_true",
                         help="do not zero attention-sink tokens: labels recomputed from the grounding (ablation)")
+    recipe.add_argument("--threshold", type=probability, metavar="T",
+                        help="RoI threshold saved with the RPN (default: calibrated on the held-out labels)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--eval-samples", type=int, default=256,
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                            max_steps=args.max_steps, max_samples=args.max_samples, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
                            eval_samples=max(args.eval_samples, 0), eval_every=args.eval_every,
                            save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-                           target=args.target, keep_sinks=args.keep_sinks)
+                           target=args.target, keep_sinks=args.keep_sinks, threshold=args.threshold)
     label_set = read_label_set(args.labels, args.image_root)
     if not label_set.samples:
         raise UserError(f"--labels {args.labels}: no sample has valid labels")

@@ -58,6 +58,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 CHECKPOINT_FORMAT = "sdrpn-train-checkpoint/1"
 TARGETS = ("labels", "attention")
+# The RoI thresholds the calibration chooses from, in increasing order.
+CALIBRATION_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 LABEL_RULES = ("tau_fg", "tau_bg", "max_box_frac", "min_peak", "blur_box")
 RELABEL_CHUNK = 4096  # samples per assign_labels call: vectorised, yet bounded memory
 
@@ -88,6 +90,8 @@ class TrainOptions:
             labels) or ``attention`` (BCE against the grounding map over its peak, on every cell).
         keep_sinks: do not zero the sink tokens: labels recomputed from the grounding with an empty
             sink mask, and an ``attention`` target that keeps the sinks' values.
+        threshold: the RoI threshold saved with the RPN; None calibrates it on the held-out samples
+            (:func:`calibrated_threshold`), or keeps the RPN's default without held-out samples.
     """
 
     start_layer: int = 15
@@ -108,6 +112,7 @@ class TrainOptions:
     iou_threshold: float = 0.5
     target: str = "labels"
     keep_sinks: bool = False
+    threshold: float | None = None
 
     def resume_settings(self) -> dict:
         """The options a resumed run must share (logging and checkpoint cadence may change)."""
@@ -351,6 +356,30 @@ def roi_statistics(logits: torch.Tensor, labels: torch.Tensor, threshold: float)
             "union": float((predicted | foreground).sum())}
 
 
+def roi_overlaps(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
+                 thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> torch.Tensor:
+    """(len(thresholds), 2) float64: for each threshold t, the summed per-sample IoU, over the
+    non-ignored cells, of the engine's RoI mask (sigmoid, 3x3 blur, ``> t``) with the fg labels, and
+    the sample count. A sample without a RoI scores 0, as in the testbed's localisation IoU."""
+    from .. import ops
+
+    prob, _ = ops.roi_mask(logits.float().reshape(-1, *grid), 0.5)
+    cuts = torch.tensor(thresholds, device=prob.device).view(-1, 1, 1)
+    predicted = (prob.flatten(1).unsqueeze(0) > cuts) & (labels != IGNORE_INDEX)
+    foreground = labels == 1
+    iou = (predicted & foreground).sum(dim=2) / (predicted | foreground).sum(dim=2).clamp_min(1)
+    return torch.stack([iou.double().sum(dim=1), torch.full_like(iou[:, 0], labels.shape[0]).double()], dim=1).cpu()
+
+
+def calibrated_threshold(overlaps: torch.Tensor, thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> float:
+    """The threshold whose RoI masks overlap the fg labels best (mean IoU of :func:`roi_overlaps`).
+    On a tie the largest wins: it gives the fewest RoI tokens. The labels are the model's own
+    pseudo-labels, so the choice needs no annotation."""
+    iou = (overlaps[:, 0] / overlaps[:, 1].clamp_min(1)).tolist()
+    best = max(iou)
+    return thresholds[max(index for index, value in enumerate(iou) if value == best)]
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
     """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay to ``floor``."""
     if step < warmup_steps:
@@ -403,6 +432,8 @@ class Trainer:
                             f"= {world} x {options.grad_accum}")
         if options.target not in TARGETS:
             raise UserError(f"--target {options.target}: expected one of {', '.join(TARGETS)}")
+        if options.threshold is not None and not 0.0 <= options.threshold <= 1.0:
+            raise UserError(f"--threshold {options.threshold}: expected a probability in [0, 1]")
         samples = training_samples(label_set, options.keep_sinks)[:options.max_samples]
         train, held_out = split_held_out(samples, min(options.eval_samples, len(samples) // 5), options.seed)
         if len(train) < options.batch_size:
@@ -506,7 +537,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out BCE (mean over labelled cells) and IoU of the predicted masks with the fg labels."""
         self.rpn.eval()
-        totals = {"bce": 0.0, "cells": 0, "intersection": 0.0, "union": 0.0}
+        totals = {"bce": 0.0, "cells": 0, "intersection": 0.0, "union": 0.0,
+                  "overlaps": torch.zeros(len(CALIBRATION_THRESHOLDS), 2, dtype=torch.float64)}
         mine = self.held_out[self.context.rank::self.context.world_size]
         size = max(1, self.options.batch_size // (self.context.world_size * self.options.grad_accum))
         for start in range(0, len(mine), size):
@@ -516,11 +548,13 @@ class Trainer:
                                   features.attention_mask)
             for key, value in roi_statistics(logits, features.labels, self.options.iou_threshold).items():
                 totals[key] += value
+            totals["overlaps"] += roi_overlaps(logits, features.labels, self.rpn.image_grid)
         self.rpn.train()
         merged = {key: sum(part[key] for part in distributed.gather_objects(totals)) for key in totals}
         return {"step": self.step, "held_out_bce": merged["bce"] / max(merged["cells"], 1),
                 "held_out_iou": merged["intersection"] / merged["union"] if merged["union"] else 0.0,
-                "held_out_samples": len(self.held_out)}
+                "held_out_samples": len(self.held_out),
+                "roi_overlaps": merged["overlaps"].tolist()}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -529,6 +563,22 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _final_threshold(trainer: Trainer, final: dict | None) -> float:
+    """The RoI threshold saved with the RPN: the one asked for, else calibrated on the held-out samples."""
+    if trainer.options.threshold is not None:
+        return trainer.options.threshold
+    if final is None:
+        return trainer.rpn.threshold
+    overlaps = torch.tensor(final["roi_overlaps"], dtype=torch.float64)
+    chosen = calibrated_threshold(overlaps)
+    if trainer.context.is_main:
+        index = CALIBRATION_THRESHOLDS.index(chosen)
+        iou = overlaps[index, 0] / max(float(overlaps[index, 1]), 1.0)
+        print(f"RoI threshold {chosen:g}: calibrated on the held-out labels (IoU {iou:.4f} of the blurred "
+              f"RoI mask with their foreground)", file=sys.stderr)
+    return chosen
 
 
 def train_rpn(model, processor, label_set: LabelSet, out_dir: str | Path, options: TrainOptions,
@@ -594,6 +644,7 @@ def train_rpn(model, processor, label_set: LabelSet, out_dir: str | Path, option
         if context.is_main:
             print(f"held-out: IoU {final['held_out_iou']:.4f}, BCE {final['held_out_bce']:.4f} "
                   f"({final['held_out_samples']} samples)", file=sys.stderr)
+    trainer.rpn.threshold = _final_threshold(trainer, final if trainer.held_out else None)
     if context.is_main:
         trainer.rpn.save_pretrained(out_dir)
         trainer.save_checkpoint()

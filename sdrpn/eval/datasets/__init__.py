@@ -48,12 +48,12 @@ class Benchmark:
     splits: tuple[str, ...] = ()
 
     @property
-    def threshold(self) -> float:
+    def threshold(self) -> float | None:
         """SD-RPN's RoI threshold for this benchmark: the authors' preset (``sdrpn.roi.THRESHOLDS``),
-        or the default of :class:`sdrpn.roi.RoIOptions` for benchmarks without one."""
-        from ...roi import THRESHOLDS, RoIOptions
+        or None for benchmarks without one (the RPN's own threshold, which ``sdrpn train`` calibrates)."""
+        from ...roi import THRESHOLDS
 
-        return THRESHOLDS.get(self.name, RoIOptions.threshold)
+        return THRESHOLDS.get(self.name)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
