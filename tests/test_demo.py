@@ -80,3 +80,35 @@ def test_shipped_paths_live_in_the_package():
     assert SHIPPED_MODEL.is_relative_to(package) and SHIPPED_RPN.is_relative_to(package)
     assert SHIPPED_MODEL.parts[-3:] == ("testbed", "assets", "tiny-llava")
     assert SHIPPED_RPN.parts[-3:] == ("testbed", "assets", "tiny-llava-rpn")
+
+
+def test_shipped_assets_load_and_fit_the_budget():
+    """The shipped tiny LLaVA and RPN: safetensors only, at most 20 MB, a model card, and they load
+    through the standard classes and ``RPN.from_pretrained`` (which checks they belong together)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sdrpn import RPN
+    from sdrpn.testbed.shipped import SHIPPED_MODEL, SHIPPED_RPN
+
+    files = [path for directory in (SHIPPED_MODEL, SHIPPED_RPN) for path in directory.iterdir()]
+    assert sum(path.stat().st_size for path in files) <= 20 * 2**20
+    assert not [path for path in files if path.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    card = (SHIPPED_MODEL / "README.md").read_text()
+    assert "## Training" in card and "min on" in card and "## Validation accuracy" in card
+    model = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL)
+    AutoProcessor.from_pretrained(SHIPPED_MODEL)
+    rpn = RPN.from_pretrained(SHIPPED_RPN, model)
+    assert 0.0 < rpn.threshold < 1.0 and rpn.config["labels"]["heads"]
+
+
+def test_demo_runs_on_the_shipped_assets(capsys, tmp_path):
+    import json
+
+    from sdrpn.testbed.shipped import SHIPPED_RPN
+
+    status = main(["demo", "--questions", "2", "--out", str(tmp_path / "demo"), "--device", "cpu"])
+    printed, err = capsys.readouterr()
+    assert status == 0, err
+    threshold = json.loads((SHIPPED_RPN / "config.json").read_text())["threshold"]
+    assert f"threshold {threshold:g}" in printed and "/2 right" in printed
+    assert (tmp_path / "demo" / "roi.png").is_file()
