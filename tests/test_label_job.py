@@ -391,6 +391,9 @@ def test_head_scorer_prefers_concentrated_image_attention_that_moves_with_the_qu
     assert by_head[1]["concentration"] == pytest.approx(0.0, abs=1e-5)
     assert by_head[0]["image_share"] == pytest.approx(0.9)
     assert scorer.select(1).pairs == ((3, 0),) and scorer.samples == 2
+    # Head 3 scores 0.05 / 0.9 of head 0: kept by a ratio below that, left out above it.
+    assert scorer.select(2, min_score_ratio=0.05).pairs == ((3, 0), (3, 3))
+    assert scorer.select(3, min_score_ratio=0.5).pairs == ((3, 0),)
     with pytest.raises(ValueError, match="same number of image tokens"):
         scorer.update(3, rows[:, :, :, :8], torch.ones(2, 3, dtype=torch.bool), sink[:, :8])
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, existing_file, positive_int
+from .common import add_model_arguments, existing_dir, existing_file, positive_int, probability
 from .label import add_sink_arguments, read_data, sink_spec
 
 HELP = "Rank (layer, head) pairs by how well their attention grounds the answer."
@@ -18,7 +18,8 @@ EPILOG = """\
 Each head is scored over the calibration answers by image share x specificity: the Jensen-Shannon
 divergence of its answer-to-image maps across questions (sink tokens removed), high only for a head
 that is concentrated and looks at a different place for every question; see sdrpn.distill.heads.
-The top heads are written to --out (default heads.json), which `sdrpn label --heads FILE` reads.
+The top heads (those within --min-score-ratio of the best) are written to --out (default
+heads.json), which `sdrpn label --heads FILE` reads.
 LLaVA-1.5-7B preset (the authors' choice): layer 14, heads 13, 24, 26 (--heads llava-1.5-7b)."""
 
 
@@ -34,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search = parser.add_argument_group("search")
     search.add_argument("--layers", metavar="RANGE",
                         help="layers to score: 8-20, 14 or 8,10,12 (default: the middle third of the model)")
-    search.add_argument("--top", type=positive_int, default=3, help="heads to select (default 3)")
+    search.add_argument("--top", type=positive_int, default=3, help="heads to select, at most (default 3)")
+    search.add_argument("--min-score-ratio", type=probability, default=0.5, metavar="R",
+                        help="leave out heads of the top ones that score under R x the best: the labels "
+                             "average the chosen maps, and a weak head blurs them (default 0.5; 0 keeps --top)")
     search.add_argument("--out", default="heads.json", metavar="FILE",
                         help="where to write the selection (default heads.json)")
     search.add_argument("--show", type=positive_int, default=20, metavar="N", help="table rows to print (default 20)")
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     scorer, skipped = calibrate_heads(model, processor, records, args.image_root, layers, sink,
                                       args.batch_size, args.max_new_tokens, progress=not args.no_progress)
     try:
-        selection = scorer.select(args.top)
+        selection = scorer.select(args.top, args.min_score_ratio)
     except ValueError as exc:
         raise UserError(f"--data {args.data}: {exc}") from None
     table = scorer.table()

@@ -180,11 +180,15 @@ class HeadScorer:
         ]
         return sorted(entries, key=lambda entry: (-entry["score"], entry["layer"], entry["head"]))
 
-    def select(self, top: int) -> HeadSelection:
-        """The ``top`` best-scoring pairs."""
+    def select(self, top: int, min_score_ratio: float = 0.0) -> HeadSelection:
+        """The ``top`` best-scoring pairs, less those scoring under ``min_score_ratio`` x the best:
+        the labels average the chosen heads' maps, so a head far below the best only blurs them."""
         if self.samples == 0:
             raise ValueError("no calibration sample had an answer to score the heads on")
-        return HeadSelection(tuple((entry["layer"], entry["head"]) for entry in self.table()[:top]))
+        table = self.table()
+        floor = min_score_ratio * table[0]["score"]
+        return HeadSelection(tuple((entry["layer"], entry["head"]) for index, entry in enumerate(table[:top])
+                                   if index == 0 or entry["score"] >= floor))
 
 
 def format_table(entries: list[dict], selected: HeadSelection | None = None, limit: int | None = 20) -> str:
