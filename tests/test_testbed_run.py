@@ -1,10 +1,10 @@
 """The whole self-distillation loop on the shipped tiny model, on a small fixed subset: labels from
 the model's own attention -> RPN (threshold calibrated on its held-out labels) -> evaluation.
 
-The shipped model localises weakly (see the README's testbed section), so the margin is small:
-with 640 labelled and 300 test questions, sdrpn beat baseline by 2.7, 1.7, 3.7 and 1.3 points for
-seeds 1, 2, 3 and 4 (9, 5, 12 and 5 right answers against 1, 0, 1 and 1); ``MARGIN`` is below
-all of them. About 2 minutes on 2 CPU threads.
+The shipped model localises weakly (see the README's testbed section), so the margin is modest:
+with 640 labelled and 300 test questions, sdrpn beat baseline by 4.3, 3.0, 5.7 and 2.3 points for
+seeds 1, 2, 3 and 4 (14, 9, 18 and 8 right answers against 1, 0, 1 and 1); ``MARGIN`` is below
+all of them. About 2.3 minutes on 2 CPU threads.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from sdrpn.testbed.shipped import SHIPPED_MODEL, SHIPPED_RPN
 SEED = 1
 LABELS = 640
 TESTS = 300
-# Accuracy by which sdrpn must beat baseline on the subset (3 of the 300 questions).
-MARGIN = 0.01
+# Accuracy by which sdrpn must beat baseline on the subset (6 of the 300 questions).
+MARGIN = 0.02
 
 
 def _shipped_heads() -> str:
@@ -37,6 +37,6 @@ def test_loop_on_a_subset_beats_the_baseline(tmp_path):
                           ablation=False, rpn_batch_size=32)
     summary = run_loop(SHIPPED_MODEL, data, tmp_path / "work", options, progress=False)
     methods = summary["methods"]
-    assert summary["labels"]["valid"] >= LABELS // 4  # 218-233 of 640 for the seeds above
+    assert summary["labels"]["valid"] >= LABELS // 2  # 418-427 of 640 for the seeds above
     assert methods["sdrpn"]["accuracy"] >= methods["baseline"]["accuracy"] + MARGIN, methods
     assert methods["sdrpn"]["visual_tokens"] > methods["baseline"]["visual_tokens"]  # it did zoom in
