@@ -80,6 +80,20 @@ def test_unknown_command_and_bad_option_are_one_line(capsys):
     assert_user_error(status, err, "--batch-size: must be at least 1")
 
 
+def test_ratio_and_count_options_take_their_bounds(capsys):
+    from sdrpn.cli import build_parser
+
+    for argv in (["heads", "--model", ".", "--data", __file__, "--image-root", ".", "--min-score-ratio", "0"],
+                 ["testbed", "train-model", "--data", ".", "--out", "o", "--refine-steps", "0", "--vision-steps", "0"]):
+        args = build_parser(argv)[0].parse_args(argv)
+        assert getattr(args, "min_score_ratio", 0) == 0 and getattr(args, "refine_steps", 0) == 0
+    status, _, err = run_cli(capsys, "heads", "--model", ".", "--data", __file__, "--image-root", ".",
+                             "--min-score-ratio", "1.5")
+    assert_user_error(status, err, "--min-score-ratio: must be between 0 and 1, got 1.5")
+    status, _, err = run_cli(capsys, "testbed", "train-model", "--data", ".", "--out", "o", "--refine-steps", "-1")
+    assert_user_error(status, err, "--refine-steps: must be at least 0, got -1")
+
+
 def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "sdrpn", "eval", "--plot", str(tmp_path / "x.png"),

@@ -49,25 +49,44 @@ def existing_path(value: str) -> Path:
     return path
 
 
-def probability(value: str) -> float:
-    """A RoI threshold: a number strictly between 0 and 1."""
+def _unit_number(value: str, closed: bool) -> float:
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}") from None
-    if not 0.0 < number < 1.0:
+    if closed and not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    if not closed and not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {value}")
     return number
 
 
-def positive_int(value: str) -> int:
+def probability(value: str) -> float:
+    """A RoI threshold: a number strictly between 0 and 1."""
+    return _unit_number(value, closed=False)
+
+
+def ratio(value: str) -> float:
+    """A share: a number from 0 to 1, both included."""
+    return _unit_number(value, closed=True)
+
+
+def _int_at_least(value: str, low: int, what: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return number
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "a positive integer")
+
+
+def non_negative_int(value: str) -> int:
+    return _int_at_least(value, 0, "an integer of 0 or more")
 
 
 # ------------------------------------------------------------------------------------------------

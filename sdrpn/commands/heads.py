@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, existing_file, positive_int, probability
+from .common import add_model_arguments, existing_dir, existing_file, positive_int, ratio
 from .label import add_sink_arguments, read_data, sink_spec
 
 HELP = "Rank (layer, head) pairs by how well their attention grounds the answer."
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--layers", metavar="RANGE",
                         help="layers to score: 8-20, 14 or 8,10,12 (default: the middle third of the model)")
     search.add_argument("--top", type=positive_int, default=3, help="heads to select, at most (default 3)")
-    search.add_argument("--min-score-ratio", type=probability, default=0.5, metavar="R",
+    search.add_argument("--min-score-ratio", type=ratio, default=0.5, metavar="R",
                         help="leave out heads of the top ones that score under R x the best: the labels "
                              "average the chosen maps, and a weak head blurs them (default 0.5; 0 keeps --top)")
     search.add_argument("--out", default="heads.json", metavar="FILE",

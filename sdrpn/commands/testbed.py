@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..testbed.loop import LoopOptions
-from .common import existing_dir, positive_int, probability
+from .common import existing_dir, non_negative_int, positive_int, probability
 
 HELP = "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA."
 EPILOG = """\
@@ -25,16 +25,6 @@ and training.json; rerun the same command to resume from the checkpoint in --out
 localisation IoU, data efficiency and the ablation, and writes <work>/testbed.json; rerun it to resume."""
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The actions' parsers are of the command's own class, so bad options stay one-line errors.
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True, parser_class=type(parser))
@@ -42,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate = actions.add_parser("generate", help="write the synthetic train/val/test splits",
                                   description="Write the synthetic train/val/test splits (JSONL + PNG).")
     generate.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    generate.add_argument("--train", type=_non_negative_int, default=20000, help="train questions (default 20000)")
-    generate.add_argument("--val", type=_non_negative_int, default=500, help="validation questions (default 500)")
-    generate.add_argument("--test", type=_non_negative_int, default=1000, help="test questions (default 1000)")
+    generate.add_argument("--train", type=non_negative_int, default=20000, help="train questions (default 20000)")
+    generate.add_argument("--val", type=non_negative_int, default=500, help="validation questions (default 500)")
+    generate.add_argument("--test", type=non_negative_int, default=1000, help="test questions (default 1000)")
     generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -59,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=positive_int, help="questions per step (default: the recipe's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     train.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
-    train.add_argument("--refine-steps", type=int, metavar="N",
+    train.add_argument("--refine-steps", type=non_negative_int, metavar="N",
                        help="steps after the main schedule at a constant lr with coarse questions in single "
                             "views; 0 skips them (default: the recipe's)")
-    train.add_argument("--vision-steps", type=int, metavar="N",
+    train.add_argument("--vision-steps", type=non_negative_int, metavar="N",
                        help="steps of the vision warm start before the language model trains; 0 skips it "
                             "(default: the recipe's)")
     train.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
@@ -93,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"RPN training batch (default {defaults.rpn_batch_size})")
     loop.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                       help=f"questions per batch in labelling and evaluation (default {defaults.batch_size})")
-    loop.add_argument("--threshold", type=probability, metavar="T", help="RoI threshold (default: the benchmark's)")
+    loop.add_argument("--threshold", type=probability, metavar="T",
+                      help="RoI threshold (default: the RPN's, which sdrpn train calibrates)")
     loop.add_argument("--no-data-efficiency", action="store_true", help="skip the 10%% / 30%% label-set runs")
     loop.add_argument("--no-ablation", action="store_true", help="skip the ablation rows")
     loop.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
@@ -130,10 +121,6 @@ def _train_model(args: argparse.Namespace) -> int:
 
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.vision_steps is not None and args.vision_steps < 0:
-        raise UserError(f"--vision-steps must be 0 or more, got {args.vision_steps}")
-    if args.refine_steps is not None and args.refine_steps < 0:
-        raise UserError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

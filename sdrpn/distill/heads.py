@@ -187,8 +187,8 @@ class HeadScorer:
             raise ValueError("no calibration sample had an answer to score the heads on")
         table = self.table()
         floor = min_score_ratio * table[0]["score"]
-        return HeadSelection(tuple((entry["layer"], entry["head"]) for index, entry in enumerate(table[:top])
-                                   if index == 0 or entry["score"] >= floor))
+        # Scores are >= 0, so the best head always passes a floor of at most its own score.
+        return HeadSelection(tuple((entry["layer"], entry["head"]) for entry in table[:top] if entry["score"] >= floor))
 
 
 def format_table(entries: list[dict], selected: HeadSelection | None = None, limit: int | None = 20) -> str:

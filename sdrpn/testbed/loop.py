@@ -57,7 +57,7 @@ class LoopOptions:
         fractions: label-set shares of the data-efficiency runs (1.0 is the main RPN).
         ablation: run the ablation rows.
         batch_size: questions per batch in labelling and evaluation.
-        threshold: RoI threshold (None: the benchmark's default).
+        threshold: RoI threshold (None: the RPN's, calibrated by ``sdrpn train`` on held-out labels).
         seed: RPN data order.
     """
 
