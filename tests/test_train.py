@@ -22,7 +22,7 @@ from sdrpn.distill.train import (
     keep_sink_labels,
     lr_factor,
     read_label_set,
-    roi_overlaps,
+    roi_iou_sums,
     roi_statistics,
     split_held_out,
     train_rpn,
@@ -57,7 +57,7 @@ def test_bce_and_iou_skip_ignored_cells():
     assert stats["intersection"] == 2 and stats["union"] == 4
 
 
-def test_roi_overlaps_follow_the_engines_blurred_mask():
+def test_roi_ious_follow_the_engines_blurred_mask():
     from sdrpn.ops import reference
 
     grid = (4, 4)
@@ -65,13 +65,13 @@ def test_roi_overlaps_follow_the_engines_blurred_mask():
     labels = torch.randint(0, 2, (3, 16))
     labels[:, ::5] = IGNORE_INDEX
     thresholds = (0.1, 0.5, 0.9)
-    overlaps = roi_overlaps(logits, labels, grid, thresholds)
+    sums = roi_iou_sums(logits, labels, grid, thresholds)
     keep = labels != IGNORE_INDEX
     for row, threshold in enumerate(thresholds):
         _, mask = reference.roi_mask(logits.view(3, *grid), threshold)
         mask = mask.flatten(1) & keep
         ious = [float((m & (l == 1)).sum()) / max(float((m | (l == 1)).sum()), 1.0) for m, l in zip(mask, labels)]
-        assert overlaps[row].tolist() == pytest.approx([sum(ious), 3.0])
+        assert float(sums[row]) == pytest.approx(sum(ious))
 
 
 def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
@@ -83,13 +83,12 @@ def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
     labels[0, block] = 1
     logits = torch.full((1, 36), -12.0)
     logits[0, block] = 12.0
-    overlaps = roi_overlaps(logits, labels, (6, 6))
-    ious = dict(zip(CALIBRATION_THRESHOLDS, (overlaps[:, 0] / overlaps[:, 1]).tolist()))
+    means = roi_iou_sums(logits, labels, (6, 6)).tolist()  # one sample: the sums are the means
+    ious = dict(zip(CALIBRATION_THRESHOLDS, means))
     assert [ious[t] for t in (0.2, 0.3, 0.4, 0.5)] == [1.0] * 4
     assert ious[0.15] == pytest.approx(4 / 12) and ious[0.05] == pytest.approx(4 / 16)
-    assert calibrated_threshold(overlaps) == 0.5  # the largest of the tied best
-    assert calibrated_threshold(torch.tensor([[1.0, 2.0], [1.5, 2.0], [0.0, 2.0]], dtype=torch.float64),
-                                (0.1, 0.2, 0.3)) == 0.2
+    assert calibrated_threshold(means) == 0.5  # the largest of the tied best
+    assert calibrated_threshold([0.5, 0.75, 0.0], (0.1, 0.2, 0.3)) == 0.2
 
 
 # The label rules of a hand-built 4x4 label run (assign_labels' defaults).
@@ -189,9 +188,10 @@ def test_training_lowers_the_loss_and_beats_the_untrained_rpn(labelled, tmp_path
     assert loaded.config["labels"]["heads"] == [[1, 2]]
     assert loaded.config["labels"]["target"] == "labels" and loaded.config["labels"]["keep_sinks"] is False
     # Its RoI threshold is the calibrated one: the best mean held-out IoU of the final evaluation.
-    overlaps = torch.tensor(after["roi_overlaps"], dtype=torch.float64)
-    assert loaded.threshold == calibrated_threshold(overlaps) and loaded.threshold in CALIBRATION_THRESHOLDS
-    assert overlaps[:, 1].tolist() == [8.0] * len(CALIBRATION_THRESHOLDS)
+    ious = after["roi_iou_by_threshold"]
+    assert loaded.threshold == calibrated_threshold(ious) and loaded.threshold in CALIBRATION_THRESHOLDS
+    assert len(ious) == len(CALIBRATION_THRESHOLDS) and all(0.0 <= iou <= 1.0 for iou in ious)
+    assert after["held_out_samples"] == 8  # what the summed IoUs were divided by
 
 
 def test_attention_target_trains_is_recorded_and_does_not_resume_as_labels(labelled, tmp_path):

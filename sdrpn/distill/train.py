@@ -356,11 +356,11 @@ def roi_statistics(logits: torch.Tensor, labels: torch.Tensor, threshold: float)
             "union": float((predicted | foreground).sum())}
 
 
-def roi_overlaps(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
+def roi_iou_sums(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
                  thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> torch.Tensor:
-    """(len(thresholds), 2) float64: for each threshold t, the summed per-sample IoU, over the
-    non-ignored cells, of the engine's RoI mask (sigmoid, 3x3 blur, ``> t``) with the fg labels, and
-    the sample count. A sample without a RoI scores 0, as in the testbed's localisation IoU."""
+    """(len(thresholds),) float64: for each threshold t, the per-sample IoU, over the non-ignored
+    cells, of the engine's RoI mask (sigmoid, 3x3 blur, ``> t``) with the fg labels, summed over the
+    batch. A sample without a RoI scores 0, as in the testbed's localisation IoU."""
     from .. import ops
 
     prob, _ = ops.roi_mask(logits.float().reshape(-1, *grid), 0.5)
@@ -368,16 +368,15 @@ def roi_overlaps(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, in
     predicted = (prob.flatten(1).unsqueeze(0) > cuts) & (labels != IGNORE_INDEX)
     foreground = labels == 1
     iou = (predicted & foreground).sum(dim=2) / (predicted | foreground).sum(dim=2).clamp_min(1)
-    return torch.stack([iou.double().sum(dim=1), torch.full_like(iou[:, 0], labels.shape[0]).double()], dim=1).cpu()
+    return iou.double().sum(dim=1).cpu()
 
 
-def calibrated_threshold(overlaps: torch.Tensor, thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> float:
-    """The threshold whose RoI masks overlap the fg labels best (mean IoU of :func:`roi_overlaps`).
-    On a tie the largest wins: it gives the fewest RoI tokens. The labels are the model's own
-    pseudo-labels, so the choice needs no annotation."""
-    iou = (overlaps[:, 0] / overlaps[:, 1].clamp_min(1)).tolist()
-    best = max(iou)
-    return thresholds[max(index for index, value in enumerate(iou) if value == best)]
+def calibrated_threshold(mean_ious: Sequence[float], thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> float:
+    """The threshold whose RoI masks overlap the fg labels best (the mean of :func:`roi_iou_sums`
+    over the held-out samples, one per threshold). On a tie the largest wins: it gives the fewest
+    RoI tokens. The labels are the model's own pseudo-labels, so the choice needs no annotation."""
+    best = max(mean_ious)
+    return thresholds[max(index for index, value in enumerate(mean_ious) if value == best)]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
@@ -538,7 +537,7 @@ class Trainer:
         """Held-out BCE (mean over labelled cells) and IoU of the predicted masks with the fg labels."""
         self.rpn.eval()
         totals = {"bce": 0.0, "cells": 0, "intersection": 0.0, "union": 0.0,
-                  "overlaps": torch.zeros(len(CALIBRATION_THRESHOLDS), 2, dtype=torch.float64)}
+                  "iou_sums": torch.zeros(len(CALIBRATION_THRESHOLDS), dtype=torch.float64)}
         mine = self.held_out[self.context.rank::self.context.world_size]
         size = max(1, self.options.batch_size // (self.context.world_size * self.options.grad_accum))
         for start in range(0, len(mine), size):
@@ -548,13 +547,13 @@ class Trainer:
                                   features.attention_mask)
             for key, value in roi_statistics(logits, features.labels, self.options.iou_threshold).items():
                 totals[key] += value
-            totals["overlaps"] += roi_overlaps(logits, features.labels, self.rpn.image_grid)
+            totals["iou_sums"] += roi_iou_sums(logits, features.labels, self.rpn.image_grid)
         self.rpn.train()
         merged = {key: sum(part[key] for part in distributed.gather_objects(totals)) for key in totals}
         return {"step": self.step, "held_out_bce": merged["bce"] / max(merged["cells"], 1),
                 "held_out_iou": merged["intersection"] / merged["union"] if merged["union"] else 0.0,
                 "held_out_samples": len(self.held_out),
-                "roi_overlaps": merged["overlaps"].tolist()}
+                "roi_iou_by_threshold": (merged["iou_sums"] / max(len(self.held_out), 1)).tolist()}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -571,11 +570,10 @@ def _final_threshold(trainer: Trainer, final: dict | None) -> float:
         return trainer.options.threshold
     if final is None:
         return trainer.rpn.threshold
-    overlaps = torch.tensor(final["roi_overlaps"], dtype=torch.float64)
-    chosen = calibrated_threshold(overlaps)
+    ious = final["roi_iou_by_threshold"]
+    chosen = calibrated_threshold(ious)
     if trainer.context.is_main:
-        index = CALIBRATION_THRESHOLDS.index(chosen)
-        iou = overlaps[index, 0] / max(float(overlaps[index, 1]), 1.0)
+        iou = ious[CALIBRATION_THRESHOLDS.index(chosen)]
         print(f"RoI threshold {chosen:g}: calibrated on the held-out labels (IoU {iou:.4f} of the blurred "
               f"RoI mask with their foreground)", file=sys.stderr)
     return chosen
