@@ -534,7 +534,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out BCE (mean over labelled cells) and IoU of the predicted masks with the fg labels."""
+        """Held-out BCE (mean over labelled cells), IoU of the predicted masks with the fg labels, and
+        the mean IoU of the engine's RoI masks at each calibration threshold."""
         self.rpn.eval()
         totals = {"bce": 0.0, "cells": 0, "intersection": 0.0, "union": 0.0,
                   "iou_sums": torch.zeros(len(CALIBRATION_THRESHOLDS), dtype=torch.float64)}
