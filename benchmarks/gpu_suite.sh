@@ -22,26 +22,29 @@ BUDGET=${SUITE_BUDGET_S:-540}
 MIN_STEP_S=${MIN_STEP_S:-20}
 ALL_STEPS="environment build validate tests e2e_7b_b1 bench_kernels e2e_7b_b8 bench_distill_7b bench_distill_tiny ctest"
 STEPS=${SUITE_STEPS:-$ALL_STEPS}
+for name in $STEPS; do  # a typo in SUITE_STEPS must not cost a device run
+    case " $ALL_STEPS " in *" $name "*) ;; *) echo "unknown step '$name'; the steps are: $ALL_STEPS" >&2; exit 2 ;; esac
+done
 device_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr ' ' '-' || true)
 RESULTS=${OUT:-benchmarks/results/${device_name:-unknown-gpu}-$(date +%Y-%m-%d)}
 mkdir -p "$RESULTS"
 summary="$RESULTS/summary.txt"
 : > "$summary"
 failed=0
-last_rc=0
 began=$SECONDS
 
 record() {  # record NAME RC SECONDS WHAT
     printf '%-18s rc=%-7s %4ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$summary"
 }
 
-step() {  # step NAME COMMAND...: run COMMAND within the budget, log it, record its exit code
+step() {  # step NAME COMMAND...: run COMMAND within the budget, log it, record its exit code;
+          # returns non-zero when the step failed, was cut or was skipped
     local name=$1; shift
     local left=$((BUDGET - (SECONDS - began)))
     if [ "$left" -lt "$MIN_STEP_S" ]; then
         record "$name" skipped 0 "no time left in the ${BUDGET}s budget"
         failed=1
-        return
+        return 1
     fi
     local start=$SECONDS
     echo "== $name (${left}s left): $*"
@@ -50,9 +53,8 @@ step() {  # step NAME COMMAND...: run COMMAND within the budget, log it, record 
     tail -n 25 "$LOGS/$name.log"
     [ "$rc" -eq 124 ] && rc=cut
     record "$name" "$rc" "$((SECONDS - start))" "$*"
-    [ "$rc" = 0 ] || failed=1
-    last_rc=$rc
     tar -czf "$RESULTS/logs.tar.gz" -C "$LOGS" .
+    [ "$rc" = 0 ] || { failed=1; return 1; }
 }
 
 run_step() {
@@ -86,10 +88,6 @@ run_step() {
     esac
 }
 
-for name in $STEPS; do  # a typo in SUITE_STEPS must not cost a device run
-    case " $ALL_STEPS " in *" $name "*) ;; *) echo "unknown step '$name'; the steps are: $ALL_STEPS" >&2; exit 2 ;; esac
-done
-
 LOGS=$(mktemp -d)
 build_failed=0
 for name in $STEPS; do
@@ -97,9 +95,7 @@ for name in $STEPS; do
         record "$name" skipped 0 "the build failed"
         continue
     fi
-    last_rc=0
-    run_step "$name"
-    [ "$name" = build ] && [ "$last_rc" != 0 ] && build_failed=1
+    run_step "$name" || { [ "$name" = build ] && build_failed=1; }
 done
 echo "== summary ($RESULTS, $((SECONDS - began))s)"
 cat "$summary"
