@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
@@ -76,6 +77,7 @@ def process_group(backend: str | None = None, device: torch.device | str | None 
         yield context
     finally:
         if created:
+            gc.collect()  # objects that hold the group (a DDP reducer in a cycle) go while it still exists
             dist.destroy_process_group()
 
 
