@@ -55,9 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vision-steps", type=non_negative_int, metavar="N",
                        help="steps of the vision warm start before the language model trains; 0 skips it "
                             "(default: the recipe's)")
-    train.add_argument("--grounding-weight", type=float, metavar="W",
-                       help="weight of the auxiliary loss that trains a few heads to look at the question's "
-                            "ground-truth box; 0 trains on answers alone (default: the recipe's)")
     train.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     loop = actions.add_parser("run", help="the self-distillation loop on the tiny model, measured end to end",
@@ -127,8 +124,7 @@ def _train_model(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps,
-               "grounding_weight": args.grounding_weight}
+               "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps}
     options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)
     final = summary["final"] or {}

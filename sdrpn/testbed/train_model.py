@@ -24,7 +24,6 @@ seed and the step only, so a run resumed from its checkpoint continues as if nev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,7 +39,6 @@ from torch.nn.utils.rnn import pad_sequence
 from ..distill.train import warmup_cosine
 from ..errors import UserError
 from .batches import VIEW_MODES, Batch, QuestionSet, batch_indices, make_batch
-from .grounding_loss import grounding_loss, tap_attention
 from .model_card import write_model_card
 from .tiny_model import TinyLlavaSpec, build_model, build_processor
 from .vision_warmup import warm_start_vision
@@ -76,10 +74,6 @@ class TrainModelOptions:
         vision_lr: the warm start's peak learning rate.
         freeze_vision: keep the vision tower fixed while the projector and the language model
             train (LLaVA's recipe with a pretrained CLIP).
-        grounding_weight: weight of the auxiliary grounding loss (:mod:`sdrpn.testbed.grounding_loss`)
-            beside the answer loss; 0 trains on answers alone.
-        grounding_layer, grounding_heads: the language-model heads that loss trains. Below the
-            RPN's K = 4 and away from the loop's sink layer 5, which would call their target a sink.
         refine_steps, refine_lr: steps after the main schedule, at a constant learning rate, with
             every coarse question in a single view. Coarse questions are the only ones that teach
             the model to find the named shape and read it at the base resolution, where
@@ -106,9 +100,6 @@ class TrainModelOptions:
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
     freeze_vision: bool = True
-    grounding_weight: float = 0.0
-    grounding_layer: int = 3
-    grounding_heads: tuple[int, ...] = (0, 1)
     refine_steps: int = 1250
     refine_lr: float = 5e-4
 
@@ -118,9 +109,6 @@ class TrainModelOptions:
                             f"{self.batch_size} and {self.refine_steps}")
         if len(self.view_mix) != len(VIEW_MODES) or min(self.view_mix) < 0 or not math.isclose(sum(self.view_mix), 1.0):
             raise UserError(f"view_mix must be {len(VIEW_MODES)} probabilities summing to 1, got {self.view_mix}")
-        if self.grounding_weight < 0 or not self.grounding_heads:
-            raise UserError(f"the grounding weight must be >= 0 and at least one head given, got "
-                            f"{self.grounding_weight} and {self.grounding_heads}")
 
     @property
     def total_steps(self) -> int:
@@ -276,13 +264,10 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
     val = QuestionSet(data_dir, "val", processor, limit=options.eval_samples)
     if len(train) == 0:
         raise UserError(f"--data {data_dir}: the train split is empty")
-    if options.grounding_weight and not (0 <= options.grounding_layer < spec.text_layers and all(0 <= h < spec.text_heads for h in options.grounding_heads)):
-        raise UserError(f"grounding heads {options.grounding_layer}:{options.grounding_heads} are not in the "
-                        f"{spec.text_layers} layers of {spec.text_heads} heads")
     identity = {"recipe": options.recipe(), "spec": asdict(spec), "data": manifest}
 
     start, history, vision_history, elapsed = 0, [], [], 0.0
-    running = {"loss": 0.0, "grounding": 0.0, "correct": 0, "seen": 0}  # training statistics since the last evaluation
+    running = {"loss": 0.0, "correct": 0, "seen": 0}  # training statistics since the last evaluation
     checkpoint = out / CHECKPOINT
     state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else None
     if state is not None and state["identity"] != identity:
@@ -323,18 +308,12 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
         rng = np.random.default_rng([options.seed, 2, step])
         mode = VIEW_MODES[rng.choice(len(VIEW_MODES), p=options.view_mix)]
         indices = batch_indices(step, options.batch_size, len(train), options.seed)
-        loss, correct, grounding = 0.0, [], 0.0
+        loss, correct = 0.0, []
         for part, part_mode in _view_groups(train, indices, mode, coarse_single_view=step >= options.steps):
             batch = make_batch(train, part, part_mode, processor, adapter.geometry, adapter.image_grid, rng,
                                options.max_grow)
-            tapping = tap_attention(model, options.grounding_layer) if options.grounding_weight else contextlib.nullcontext()
-            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16), tapping as tap:
+            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
                 part_loss, part_correct = loss_and_correct(*answer_logits(model, adapter, batch))
-                if options.grounding_weight:
-                    part_grounding = grounding_loss(tap.weights, batch, options.grounding_heads, adapter.geometry,
-                                                    adapter.image_grid)
-                    part_loss = part_loss + options.grounding_weight * part_grounding
-                    grounding += part_grounding.item() * len(part)
             loss = loss + part_loss * (len(part) / len(indices))
             correct.append(part_correct)
         correct = torch.cat(correct)
@@ -344,7 +323,6 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
         optimizer.step()
         scheduler.step()
         running["loss"] += loss.item() * len(correct)
-        running["grounding"] += grounding
         running["correct"] += int(correct.sum())
         running["seen"] += len(correct)
         bar.update()
@@ -355,14 +333,11 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
             accuracy = evaluate(model, adapter, processor, val, options.batch_size)
             entry = {"step": done, "train_loss": running["loss"] / max(running["seen"], 1),
                      "train_accuracy": running["correct"] / max(running["seen"], 1),
-                     **({"train_grounding_loss": running["grounding"] / max(running["seen"], 1)}
-                        if options.grounding_weight else {}),
                      "lr": scheduler.get_last_lr()[0], "val": accuracy,
                      "elapsed_s": round(elapsed + time.perf_counter() - began, 1)}
             history.append(entry)
-            running = {"loss": 0.0, "grounding": 0.0, "correct": 0, "seen": 0}
-            grounded = f", grounding loss {entry['train_grounding_loss']:.3f}" if options.grounding_weight else ""
-            bar.write(f"step {done}: train loss {entry['train_loss']:.3f}{grounded}, val accuracy "
+            running = {"loss": 0.0, "correct": 0, "seen": 0}
+            bar.write(f"step {done}: train loss {entry['train_loss']:.3f}, val accuracy "
                       + ", ".join(f"{name} {value:.3f}" for name, value in accuracy.items()))
         if done % options.save_every == 0 and done < total:
             save_checkpoint(done)
