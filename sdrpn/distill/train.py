@@ -464,11 +464,6 @@ class Trainer:
                          "samples": records}
         self.step = 0
 
-    def close(self) -> None:
-        """Drop the DDP wrapper. Its reducer holds the process group, so it must go before the group is
-        destroyed: one freed later, at interpreter exit, can abort the process."""
-        self.module = self.rpn
-
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _checkpoint_path(self) -> Path:
@@ -652,6 +647,5 @@ def train_rpn(model, processor, label_set: LabelSet, out_dir: str | Path, option
     if context.is_main:
         trainer.rpn.save_pretrained(out_dir)
         trainer.save_checkpoint()
-    trainer.close()
     distributed.barrier()
     return result
