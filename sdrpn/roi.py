@@ -69,6 +69,9 @@ class RoIOptions:
         max_area: components of more cells are dropped.
         min_area, grow_to: components of fewer than ``min_area`` cells become ``grow_to`` squares.
         max_components: component slots reported per image (more are counted, not listed).
+        max_regions: keep only this many components, those of the highest peak probability
+            (ties: the first in raster order); None keeps them all, as the authors do. With 1,
+            every RoI is the box upscaling of the strongest region.
     """
 
     strategy: str = "mask"
@@ -80,12 +83,15 @@ class RoIOptions:
     min_area: int = 4
     grow_to: int = 3
     max_components: int = 16
+    max_regions: int | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.max_regions is not None and self.max_regions < 1:
+            raise ValueError(f"max_regions must be at least 1 (or None for all), got {self.max_regions}")
 
 
 @dataclass
@@ -98,7 +104,8 @@ class RoIProposal:
         mask: (B, H, W) bool thresholded map.
         boxes: (B, M, 4) int32 component boxes ``[x0, y0, x1, y1)`` on the grid (grown when small).
         valid: (B, M) bool filled slots.
-        counts: (B,) int32 components kept (all of them, including any beyond the M slots).
+        counts: (B,) int32 components kept (all of them, including any beyond the M slots, up to
+            ``max_regions``).
         cells: (B, H, W) bool RoI cells: the pixels of kept components and the grown boxes.
         region: (B, 4) int64 grid box enclosing ``cells`` (zeros without a RoI).
         mode: (B,) int64 ``MODE_NONE``, ``MODE_BOX`` or ``MODE_MASK`` per sample.
@@ -141,6 +148,9 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     label_area.scatter_add_(1, flat, torch.ones_like(flat))
     kept_label = (label_area > options.drop_area) & (label_area <= options.max_area)
     kept_label[:, 0] = False  # background
+    if options.max_regions is not None:
+        kept_label, boxes, areas, valid = _strongest(prob, flat, kept_label, boxes, areas, valid, options.max_regions)
+        total = total.clamp(max=options.max_regions)
     cells = kept_label.gather(1, flat).view(batch, *grid)
     # ... and the grown boxes of the small ones.
     rows = torch.arange(grid[0], device=logits.device)[:, None]
@@ -159,6 +169,32 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
         mode = torch.where(total > 1, MODE_MASK, torch.where(total > 0, MODE_BOX, MODE_NONE))
     return RoIProposal(logits=logits, prob=prob, mask=mask, boxes=boxes, valid=valid, counts=total.int(),
                        cells=cells, region=region, mode=mode)
+
+
+def _strongest(prob, flat_labels, kept_label, boxes, areas, valid, count: int):
+    """Keeps the ``count`` kept components of the highest peak probability (ties: lower label).
+
+    ``kept_label`` (B, L) marks the kept labels; the slots of ``boxes``, ``areas`` and ``valid``
+    hold the kept components in label order. Returns them narrowed to the chosen components, which
+    fill the first slots, still in label order.
+    """
+    batch, labels = kept_label.shape
+    peak = torch.zeros(batch, labels, dtype=prob.dtype, device=prob.device)
+    peak.scatter_reduce_(1, flat_labels, prob.reshape(batch, -1), "amax", include_self=True)
+    score = torch.where(kept_label, peak, torch.full_like(peak, -1.0))
+    order = score.sort(dim=1, descending=True, stable=True).indices  # stable: equal peaks keep label order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(labels, device=order.device).expand(batch, -1))
+    chosen = kept_label & (rank < count)
+    # Slot s holds the (s + 1)-th kept label; labels past the slots (overflow) share a spare index.
+    slots = valid.shape[1]
+    slot_of_label = torch.where(kept_label, kept_label.long().cumsum(dim=1) - 1, slots).clamp(max=slots)
+    slot_chosen = torch.zeros(batch, slots + 1, dtype=torch.bool, device=valid.device)
+    slot_chosen.scatter_(1, slot_of_label, chosen)
+    valid = valid & slot_chosen[:, :slots]
+    packed = (~valid).to(torch.uint8).argsort(dim=1, stable=True)  # chosen slots first, in order
+    boxes = torch.where(valid[..., None], boxes, torch.zeros_like(boxes)).gather(1, packed[..., None].expand(-1, -1, 4))
+    areas = torch.where(valid, areas, torch.zeros_like(areas)).gather(1, packed)
+    return chosen, boxes, areas, valid.gather(1, packed)
 
 
 def _enclosing_box(cells: torch.Tensor) -> torch.Tensor:

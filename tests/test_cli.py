@@ -277,6 +277,30 @@ def test_generate_json_matches_the_engine(capsys, checkpoint):
     assert baseline["boxes"] == [] and baseline["visual_tokens"] == 144 and "threshold" not in baseline
 
 
+def test_generate_with_the_strongest_region_only(capsys, checkpoint):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sdrpn import RPN, SDRPN
+    from sdrpn.roi import RoIOptions
+
+    question = ["--image", checkpoint / "sign.png", "--question", "what color is the sign?", "--threshold", "0.17",
+                "--json", "--max-new-tokens", "4"]
+    status, out, err = run_cli(capsys, "generate", *model_args(checkpoint), *question)
+    assert status == 0, err
+    assert len(json.loads(out)["boxes"]) > 1  # so that the cap below has something to choose from
+    status, out, err = run_cli(capsys, "generate", *model_args(checkpoint), *question, "--max-regions", "1")
+    assert status == 0, err
+    report = json.loads(out)
+    assert report["max_regions"] == 1 and len(report["boxes"]) == 1
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint / "model")
+    processor = AutoProcessor.from_pretrained(checkpoint / "model")
+    engine = SDRPN(model, RPN.from_pretrained(checkpoint / "rpn", model), processor, threshold=0.17,
+                   roi_options=RoIOptions(max_regions=1))
+    assert report["answer"] == engine.answer([Image.open(checkpoint / "sign.png")], ["what color is the sign?"],
+                                             max_new_tokens=4)[0]
+
+
 def test_show_writes_the_picture(capsys, checkpoint, tmp_path):
     from PIL import Image
 

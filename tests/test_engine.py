@@ -10,7 +10,7 @@ from PIL import Image
 
 from helpers.tiny_models import TINY_GRID, save_tiny_llava, tiny_llava, tiny_prompt
 from sdrpn import RPN, SDRPN
-from sdrpn.roi import MODE_BOX, MODE_MASK, MODE_NONE, forced_logits
+from sdrpn.roi import MODE_BOX, MODE_MASK, MODE_NONE, RoIOptions, forced_logits
 
 K, T = 2, 2
 NEW_TOKENS = 6
@@ -132,6 +132,23 @@ def test_forced_rois_take_the_expected_modes(engine, batch):
     boxed = engine.generate(**inputs, images=images, max_new_tokens=2, roi_logits=forced_logits(ROI_BOXES, TINY_GRID),
                             strategy="box", return_roi=True)
     assert boxed.visual_tokens.tolist() == [2 * length, 2 * length, length]
+
+
+def test_strongest_region_only_equals_reference(tiny, batch):
+    model, processor, default = tiny
+    engine = SDRPN(model, default.rpn, processor, roi_options=RoIOptions(max_regions=1))
+    inputs, images = batch
+    options = dict(images=images, max_new_tokens=NEW_TOKENS, roi_logits=forced_logits(ROI_BOXES, TINY_GRID),
+                   output_logits=True, return_roi=True)
+    fast = engine.generate(**inputs, **options)
+    reference = engine.generate(**inputs, method="sdrpn-reference", **options)
+    # Sample 1's larger box has the higher blurred peak: it alone is zoomed, by box upscaling.
+    assert fast.roi.mode.tolist() == [MODE_BOX, MODE_BOX, MODE_NONE] and fast.roi.counts.tolist() == [1, 1, 0]
+    chosen = fast.roi.boxes[1][fast.roi.valid[1]].tolist()
+    assert len(chosen) == 1 and chosen[0][:2] == [7, 7] and chosen == [list(b) for b in reference.roi[1].boxes]
+    assert torch.equal(fast.sequences, reference.sequences)
+    assert torch.equal(fast.visual_tokens.cpu(), reference.visual_tokens)
+    _assert_logits_close(fast.logits, reference.logits)
 
 
 def test_random_rpn_maps_match_the_reference(engine, batch):

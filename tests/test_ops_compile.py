@@ -121,3 +121,20 @@ def test_fake_kernels_validate_like_the_compiled_kernels(extension):
         torch.ops.sdrpn.connected_components(meta(2, 5, 7), 8)
     with pytest.raises(RuntimeError, match="sdrpn.component_boxes: `max_components` must be"):
         torch.ops.sdrpn.component_boxes(meta(2, 5, 7, dtype=torch.int32), 0, 1, 4, 3, 225)
+
+
+def test_proposal_with_the_strongest_regions_compiles_fullgraph(extension):
+    from sdrpn.roi import RoIOptions, propose
+
+    options = RoIOptions(max_regions=2)
+    compiled = torch.compile(lambda logits: propose(logits, (24, 24), options), fullgraph=True)
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        logits = torch.full((3, 24, 24), -6.0)
+        for corner in (2, 9, 16):  # three blobs of random strength per map
+            logits[:, corner:corner + 4, corner:corner + 5] = torch.rand(3, 1, 1, generator=generator) * 4
+        logits = (logits + torch.randn(logits.shape, generator=generator) * 0.3).flatten(1)
+        got, expected = compiled(logits), propose(logits, (24, 24), options)
+        assert expected.counts.max() == 2  # the cap is reached, so the choice is exercised
+        for name in expected.__dataclass_fields__:
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name

@@ -48,8 +48,9 @@ def _adapter(mode="crop"):
 
 @pytest.mark.parametrize("strategy", ["mask", "box", "none"])
 @pytest.mark.parametrize("seed", range(3))
-def test_proposal_matches_scikit_image(strategy, seed):
-    options = RoIOptions(strategy=strategy, threshold=0.15)
+@pytest.mark.parametrize("max_regions", [None, 1, 2])
+def test_proposal_matches_scikit_image(strategy, seed, max_regions):
+    options = RoIOptions(strategy=strategy, threshold=0.15, max_regions=max_regions)
     logits = _random_maps(8, seed)
     proposal = propose(logits.flatten(1), GRID, options)
     images = [Image.new("RGB", (500, 400))] * 8
@@ -103,6 +104,27 @@ def test_component_filters():
     logits[0, 8, 9:24] = 8.0          # ... 240 cells: too large, dropped
     proposal = propose(logits, GRID, RoIOptions(blur=False))
     assert proposal.counts.tolist() == [1]
+
+
+def test_max_regions_keeps_the_strongest_peaks():
+    logits = torch.full((1, *GRID), -8.0)
+    logits[0, 2:5, 2:5] = 1.0       # label 1, peak sigmoid(1)
+    logits[0, 2, 10:12] = 3.0       # label 2, small (grown to 3 x 3), the strongest
+    logits[0, 12:16, 3:7] = 2.0     # label 3
+    logits[0, 20:22, 20:23] = 2.0   # label 4, ties with label 3
+    def kept(count, **changes):
+        return propose(logits, GRID, RoIOptions(blur=False, max_regions=count, **changes))
+    one = kept(1)
+    assert one.counts.tolist() == [1] and one.mode.tolist() == [MODE_BOX]
+    assert one.boxes[0][one.valid[0]].tolist() == [[9, 1, 12, 4]]
+    assert one.cells[0].sum() == 9 and one.region[0].tolist() == [9, 1, 12, 4]
+    two = kept(2)  # the tie goes to the first in raster order; the slots keep label order
+    assert two.counts.tolist() == [2] and two.mode.tolist() == [MODE_MASK]
+    assert two.boxes[0][two.valid[0]].tolist() == [[9, 1, 12, 4], [3, 12, 7, 16]]
+    assert kept(None).counts.tolist() == kept(4).counts.tolist() == kept(9).counts.tolist() == [4]
+    squeezed = kept(1, max_components=1)  # the strongest lies past the single slot: its cells, no box
+    assert squeezed.counts.tolist() == [1] and not squeezed.valid.any()
+    assert squeezed.cells[0].sum() == 2 and squeezed.cells[0, 2, 10:12].all()
 
 
 @pytest.mark.parametrize("geometry_mode", ["crop", "pad"])
@@ -164,3 +186,5 @@ def test_invalid_options():
         RoIOptions(strategy="zoom")
     with pytest.raises(ValueError, match="threshold"):
         RoIOptions(threshold=1.5)
+    with pytest.raises(ValueError, match="max_regions"):
+        RoIOptions(max_regions=0)

@@ -122,7 +122,7 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
     from test_label_job import save_labelling_model
 
     from sdrpn.data.synthetic import generate_dataset
-    from sdrpn.testbed.loop import MAIN_METHODS, LoopOptions, run_loop
+    from sdrpn.testbed.loop import MAIN_METHODS, STRONGEST_REGION, LoopOptions, run_loop
 
     model = save_labelling_model(tmp_path / "model")
     data = tmp_path / "data"
@@ -132,7 +132,11 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
     work = tmp_path / "work"
     summary = run_loop(model, data, work, options, progress=False)
 
-    assert set(summary["methods"]) == set(MAIN_METHODS)
+    assert set(summary["methods"]) == {*MAIN_METHODS, STRONGEST_REGION}
+    assert summary["methods"][STRONGEST_REGION]["roi_iou"] is not None
+    strongest = (work / "eval" / "strongest-region.sdrpn.jsonl").read_text().splitlines()
+    assert json.loads(strongest[0])["settings"]["max_regions"] == 1
+    assert all(len(json.loads(line)["boxes"]) <= 1 for line in strongest[1:])
     assert summary["labels"]["labelled"] == 40 and summary["labels"]["valid"] >= 16
     for row in [*summary["methods"].values(), *summary["data_efficiency"].values(), *summary["ablation"]]:
         assert 0.0 <= row["accuracy"] <= 1.0

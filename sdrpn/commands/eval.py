@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threshold", type=probability, metavar="T",
                      help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA, "
                           "else the RPN's own)")
+    run.add_argument("--max-regions", type=positive_int, metavar="N",
+                     help="zoom into the N RoI components of the highest peak probability only; 1 always "
+                          "gives box upscaling of the strongest region (default: all, the authors' method)")
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
     run.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="questions per batch (default 1)")
     run.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(distributed.device_for(context, resolve_device(args.device)))
     with distributed.process_group(device=args.device):
         model, processor = load_model(args)
-        engine = build_engine(model, processor, load_rpn(args, model), strategy=args.strategy)
+        engine = build_engine(model, processor, load_rpn(args, model), strategy=args.strategy,
+                              max_regions=args.max_regions)
         for method in methods:
             predictor = EnginePredictor(engine, method, threshold=threshold, max_new_tokens=args.max_new_tokens)
             options = {"model": str(args.model.resolve()), "dtype": args.dtype,

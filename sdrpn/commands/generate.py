@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sdrpn (default), baseline, sdrpn-reference, res-scaling or vicrop")
     query.add_argument("--threshold", type=probability, metavar="T",
                        help="RoI threshold (default: the RPN's, 0.15 for LLaVA-1.5)")
+    query.add_argument("--max-regions", type=positive_int, metavar="N",
+                       help="zoom into the N RoI components of the highest peak probability only "
+                            "(default: all, the authors' method)")
     query.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
                        help="answer length limit (default 128)")
     query.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -47,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--question is empty")
     check_methods([args.method], has_rpn=True)
     model, processor = load_model(args)
-    engine = build_engine(model, processor, load_rpn(args, model))
+    engine = build_engine(model, processor, load_rpn(args, model), max_regions=args.max_regions)
     predictor = EnginePredictor(engine, args.method, threshold=args.threshold, max_new_tokens=args.max_new_tokens)
     result = predictor.run([image], [question])
     prediction = result.predictions[0]
     original = engine.adapter.image_length
     report = {
         "image": str(args.image), "question": question, "method": args.method,
-        **{key: value for key, value in predictor.settings.items() if key in ("threshold", "strategy")},
+        **{key: value for key, value in predictor.settings.items() if key in ("threshold", "strategy", "max_regions")},
         "answer": prediction.text, "boxes": prediction.boxes, "visual_tokens": prediction.visual_tokens,
         "latency_s": round(result.latency_s, 4),
     }

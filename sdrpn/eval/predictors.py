@@ -42,11 +42,15 @@ def check_methods(names: Sequence[str], has_rpn: bool) -> None:
                         f"{', '.join(names)}")
 
 
-def build_engine(model, processor, rpn, threshold: float | None = None, strategy: str = "mask"):
-    """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy``."""
+def build_engine(model, processor, rpn, threshold: float | None = None, strategy: str = "mask",
+                 max_regions: int | None = None):
+    """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` the
+    ``max_regions`` strongest RoI components (None: all)."""
     from ..engine import SDRPN
+    from ..roi import RoIOptions
 
-    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold)
+    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold,
+                 roi_options=RoIOptions(max_regions=max_regions))
 
 
 def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
@@ -95,6 +99,8 @@ class EnginePredictor:
         if self.method in RPN_METHODS:
             settings.update(threshold=self.threshold if self.threshold is not None else self.engine.options.threshold,
                             strategy=self.engine.options.strategy)
+            if self.engine.options.max_regions is not None:
+                settings["max_regions"] = self.engine.options.max_regions
         return settings
 
     def _generate(self, images: list, prompts: list[str], **kwargs) -> tuple[object, int, float]:

@@ -8,7 +8,8 @@ Steps (each writes under the work directory and is skipped, or resumed, when run
 3. ``sdrpn train`` the RPN (and, for the other experiments, RPNs on 10% / 30% of the labels and
    on the ablation targets);
 4. ``sdrpn eval`` on the first ``test_samples`` test questions: ``baseline``, ``sdrpn``,
-   ``sdrpn-attention`` (the raw attention map, no training), ``res-scaling`` and ``vicrop``;
+   ``sdrpn-attention`` (the raw attention map, no training), ``res-scaling`` and ``vicrop``; and
+   ``sdrpn`` zooming into the strongest RoI component only (``--max-regions 1``);
 5. localisation: box IoU with the ground truth of the pseudo-labels (train questions) and of the
    RoIs of ``sdrpn`` and ``sdrpn-attention`` (test questions).
 
@@ -32,6 +33,8 @@ from . import localisation
 __all__ = ["LoopOptions", "run_loop", "format_report", "MAIN_METHODS"]
 
 MAIN_METHODS = ("baseline", "sdrpn", "sdrpn-attention", "res-scaling", "vicrop")
+# The main RPN once more, zooming into its strongest component alone (``--max-regions 1``).
+STRONGEST_REGION = "sdrpn, strongest region"
 SUMMARY_NAME = "testbed.json"
 
 
@@ -132,11 +135,11 @@ class Loop:
         self.command("train", *arguments, *extra)
         return out
 
-    def evaluate(self, name: str, rpn: Path, methods, strategy: str = "mask") -> dict:
+    def evaluate(self, name: str, rpn: Path, methods, strategy: str = "mask", *extra) -> dict:
         out = self.work / "eval" / f"{name}.json"
         arguments = ["--model", self.model, "--rpn", rpn, "--benchmark", "jsonl", "--data", self.data / "test.jsonl",
                      "--method", *methods, "--strategy", strategy, "--limit", self.options.test_samples,
-                     "--batch-size", self.options.batch_size, "--max-new-tokens", 8, "--out", out]
+                     "--batch-size", self.options.batch_size, "--max-new-tokens", 8, "--out", out, *extra]
         if self.options.threshold is not None:
             arguments += ["--threshold", self.options.threshold]
         self.command("eval", *arguments)
@@ -185,6 +188,8 @@ class Loop:
         rpn = self.train(labels, "rpn")
         test_truths = self.truths("test")
         main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS), test_truths)
+        strongest = self.evaluate("strongest-region", rpn, ["sdrpn"], "mask", "--max-regions", 1)
+        main[STRONGEST_REGION] = self.method_rows(strongest, test_truths)["sdrpn"]
         summary = {"model": str(self.model), "data": str(self.data),
                    "options": json.loads(json.dumps(asdict(options))),  # as testbed.json holds it
                    "labels": quality, "methods": main,
