@@ -134,9 +134,10 @@ def test_forced_rois_take_the_expected_modes(engine, batch):
     assert boxed.visual_tokens.tolist() == [2 * length, 2 * length, length]
 
 
-def test_strongest_region_only_equals_reference(tiny, batch):
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync-free", "trimmed"])
+def test_strongest_region_only_equals_reference(tiny, batch, sync_free):
     model, processor, default = tiny
-    engine = SDRPN(model, default.rpn, processor, roi_options=RoIOptions(max_regions=1))
+    engine = SDRPN(model, default.rpn, processor, roi_options=RoIOptions(max_regions=1), sync_free=sync_free)
     inputs, images = batch
     options = dict(images=images, max_new_tokens=NEW_TOKENS, roi_logits=forced_logits(ROI_BOXES, TINY_GRID),
                    output_logits=True, return_roi=True)
