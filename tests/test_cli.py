@@ -314,6 +314,13 @@ def test_show_writes_the_picture(capsys, checkpoint, tmp_path):
     assert f"wrote {out_png}" in out and "with SD-RPN:" in out and "without:" in out
     with Image.open(out_png) as picture:
         assert picture.format == "PNG" and picture.size == figure_size(200)
+        drawn = picture.tobytes()
+    status, out, err = run_cli(capsys, "show", *model_args(checkpoint), "--image", checkpoint / "sign.png",
+                               "--question", "what color is the sign?", "--threshold", "0.17", "--size", "200",
+                               "--max-new-tokens", "3", "--max-regions", "1", "--out", out_png)
+    assert status == 0, err
+    with Image.open(out_png) as picture:  # one box and its crop instead of two
+        assert picture.size == figure_size(200) and picture.tobytes() != drawn
 
 
 def write_jsonl_benchmark(root: Path, count: int = 4) -> Path:

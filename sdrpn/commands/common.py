@@ -119,6 +119,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, rpn: str = "optional", 
                        help="attention kernel the model runs with (default: sdpa)")
 
 
+def add_max_regions_argument(group) -> None:
+    """``--max-regions N`` of the commands that run SD-RPN (:attr:`sdrpn.roi.RoIOptions.max_regions`)."""
+    group.add_argument("--max-regions", type=positive_int, metavar="N",
+                       help="zoom into the N RoI components of the highest peak probability only; 1 always "
+                            "gives box upscaling of the strongest region (default: all, the authors' method)")
+
+
 def resolve_device(name: str | None):
     """The torch device for ``--device``; asking for a GPU that is not there is a user error.
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..eval.datasets import BENCHMARKS
-from .common import add_model_arguments, existing_file, existing_path, positive_int, probability
+from .common import (add_max_regions_argument, add_model_arguments, existing_file, existing_path, positive_int,
+                     probability)
 
 HELP = "Evaluate methods on a benchmark: metric, samples/s, visual tokens; plot the trade-off."
 
@@ -56,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threshold", type=probability, metavar="T",
                      help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA, "
                           "else the RPN's own)")
-    run.add_argument("--max-regions", type=positive_int, metavar="N",
-                     help="zoom into the N RoI components of the highest peak probability only; 1 always "
-                          "gives box upscaling of the strongest region (default: all, the authors' method)")
+    add_max_regions_argument(run)
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
     run.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="questions per batch (default 1)")
     run.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",

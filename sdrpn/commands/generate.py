@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_file, format_box, positive_int, probability
+from .common import add_max_regions_argument, add_model_arguments, existing_file, format_box, positive_int, probability
 
 HELP = "Answer a question about an image; print the answer, RoI boxes, visual tokens, latency."
 
@@ -31,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sdrpn (default), baseline, sdrpn-reference, res-scaling or vicrop")
     query.add_argument("--threshold", type=probability, metavar="T",
                        help="RoI threshold (default: the RPN's, 0.15 for LLaVA-1.5)")
-    query.add_argument("--max-regions", type=positive_int, metavar="N",
-                       help="zoom into the N RoI components of the highest peak probability only "
-                            "(default: all, the authors' method)")
+    add_max_regions_argument(query)
     query.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
                        help="answer length limit (default 128)")
     query.add_argument("--json", action="store_true", help="print one JSON object instead of text")

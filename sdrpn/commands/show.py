@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_file, positive_int, probability
+from .common import add_max_regions_argument, add_model_arguments, existing_file, positive_int, probability
 
 HELP = "Draw where the model looked: RoI heatmap, mask, boxes, zoomed crop and both answers."
 
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--out", required=True, type=Path, metavar="PNG", help="where to write the picture")
     query.add_argument("--threshold", type=probability, metavar="T",
                        help="RoI threshold (default: the RPN's, 0.15 for LLaVA-1.5)")
+    add_max_regions_argument(query)
     query.add_argument("--size", type=positive_int, default=512, metavar="PX",
                        help="side of each of the two panels in pixels (default 512)")
     query.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     image = open_image(args.image)
     model, processor = load_model(args)
-    engine = build_engine(model, processor, load_rpn(args, model))
+    engine = build_engine(model, processor, load_rpn(args, model), max_regions=args.max_regions)
     with_rpn = EnginePredictor(engine, "sdrpn", threshold=args.threshold, max_new_tokens=args.max_new_tokens)
     without = EnginePredictor(engine, "baseline", max_new_tokens=args.max_new_tokens)
     answer = with_rpn.run([image], [question])
