@@ -290,7 +290,8 @@ def test_compiled_stage1_gives_the_same_result(tiny, batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_nothing_between_the_stages_synchronises_on_cuda(batch):
+@pytest.mark.parametrize("max_regions", [None, 1], ids=["all-regions", "strongest-region"])
+def test_nothing_between_the_stages_synchronises_on_cuda(batch, max_regions):
     import sdrpn.ops
     from sdrpn.engine.layout import PromptLayout
     from sdrpn.engine.stage1 import run_stage1
@@ -301,7 +302,8 @@ def test_nothing_between_the_stages_synchronises_on_cuda(batch):
         pytest.skip("the CUDA kernels of sdrpn.ops are not built (the reference labelling reads back)")
     model, processor = tiny_llava()
     model = model.cuda()
-    engine = SDRPN(model, RPN.from_model(model, K, T), processor, sync_free=True)
+    engine = SDRPN(model, RPN.from_model(model, K, T), processor, sync_free=True,
+                   roi_options=RoIOptions(max_regions=max_regions))
     inputs, images = batch
     adapter = engine.adapter
     roi_logits = forced_logits(ROI_BOXES, TINY_GRID, device="cuda")

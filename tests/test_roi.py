@@ -106,6 +106,21 @@ def test_component_filters():
     assert proposal.counts.tolist() == [1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("max_regions", [None, 1, 2])
+def test_proposal_on_cuda_equals_the_cpu(max_regions):
+    options = RoIOptions(threshold=0.15, max_regions=max_regions)
+    logits = _random_maps(16, seed=7)
+    on_cpu = propose(logits, GRID, options)
+    on_cuda = propose(logits.cuda(), GRID, options)
+    for name in on_cpu.__dataclass_fields__:
+        expected, got = getattr(on_cpu, name), getattr(on_cuda, name).cpu()
+        if expected.is_floating_point():
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got, expected), name
+
+
 def test_max_regions_keeps_the_strongest_peaks():
     logits = torch.full((1, *GRID), -8.0)
     logits[0, 2:5, 2:5] = 1.0       # label 1, peak sigmoid(1)
