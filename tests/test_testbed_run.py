@@ -4,7 +4,7 @@ the model's own attention -> RPN (threshold calibrated on its held-out labels) -
 The shipped model localises weakly (see the README's testbed section), so the margin is modest:
 with 640 labelled and 300 test questions, sdrpn beat baseline by 4.3, 3.0, 5.7 and 2.3 points for
 seeds 1, 2, 3 and 4 (14, 9, 18 and 8 right answers against 1, 0, 1 and 1); ``MARGIN`` is below
-all of them. About 2.3 minutes on 2 CPU threads.
+all of them. About 2.8 minutes on 2 CPU threads (with the strongest-region evaluation).
 """
 
 from __future__ import annotations
