@@ -137,10 +137,6 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     logits = logits.reshape(batch, *grid).float()
     prob, mask = ops.roi_mask(logits, options.threshold, options.blur)
     labels = ops.connected_components(mask, options.connectivity)
-    boxes, areas, valid, counts, overflow = ops.component_boxes(
-        labels, options.max_components, options.drop_area, options.min_area, options.grow_to, options.max_area
-    )
-    total = counts.long() + overflow.long()
 
     # RoI cells: the pixels of the components that pass the area filters (per-label pixel counts) ...
     flat = labels.reshape(batch, -1).long()
@@ -148,10 +144,14 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     label_area.scatter_add_(1, flat, torch.ones_like(flat))
     kept_label = (label_area > options.drop_area) & (label_area <= options.max_area)
     kept_label[:, 0] = False  # background
-    if options.max_regions is not None:
-        kept_label, boxes, areas, valid = _strongest(prob, flat, kept_label, boxes, areas, valid, options.max_regions)
-        total = total.clamp(max=options.max_regions)
+    if options.max_regions is not None:  # the other components become background before the boxes
+        kept_label = _strongest(prob, flat, kept_label, options.max_regions)
+        labels = torch.where(kept_label.gather(1, flat).view_as(labels), labels, 0)
     cells = kept_label.gather(1, flat).view(batch, *grid)
+    boxes, areas, valid, counts, overflow = ops.component_boxes(
+        labels, options.max_components, options.drop_area, options.min_area, options.grow_to, options.max_area
+    )
+    total = counts.long() + overflow.long()
     # ... and the grown boxes of the small ones.
     rows = torch.arange(grid[0], device=logits.device)[:, None]
     cols = torch.arange(grid[1], device=logits.device)
@@ -171,30 +171,16 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
                        cells=cells, region=region, mode=mode)
 
 
-def _strongest(prob, flat_labels, kept_label, boxes, areas, valid, count: int):
-    """Keeps the ``count`` kept components of the highest peak probability (ties: lower label).
-
-    ``kept_label`` (B, L) marks the kept labels; the slots of ``boxes``, ``areas`` and ``valid``
-    hold the kept components in label order. Returns them narrowed to the chosen components, which
-    fill the first slots, still in label order.
-    """
+def _strongest(prob, flat_labels, kept_label, count: int):
+    """``kept_label`` (B, L) narrowed to the ``count`` kept labels of highest peak probability
+    (ties: the lower label, first in raster order)."""
     batch, labels = kept_label.shape
     peak = torch.zeros(batch, labels, dtype=prob.dtype, device=prob.device)
     peak.scatter_reduce_(1, flat_labels, prob.reshape(batch, -1), "amax", include_self=True)
     score = torch.where(kept_label, peak, torch.full_like(peak, -1.0))
     order = score.sort(dim=1, descending=True, stable=True).indices  # stable: equal peaks keep label order
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(labels, device=order.device).expand(batch, -1))
-    chosen = kept_label & (rank < count)
-    # Slot s holds the (s + 1)-th kept label; labels past the slots (overflow) share a spare index.
-    slots = valid.shape[1]
-    slot_of_label = torch.where(kept_label, kept_label.long().cumsum(dim=1) - 1, slots).clamp(max=slots)
-    slot_chosen = torch.zeros(batch, slots + 1, dtype=torch.bool, device=valid.device)
-    slot_chosen.scatter_(1, slot_of_label, chosen)
-    valid = valid & slot_chosen[:, :slots]
-    packed = (~valid).to(torch.uint8).argsort(dim=1, stable=True)  # chosen slots first, in order
-    boxes = torch.where(valid[..., None], boxes, torch.zeros_like(boxes)).gather(1, packed[..., None].expand(-1, -1, 4))
-    areas = torch.where(valid, areas, torch.zeros_like(areas)).gather(1, packed)
-    return chosen, boxes, areas, valid.gather(1, packed)
+    return kept_label & (rank < count)
 
 
 def _enclosing_box(cells: torch.Tensor) -> torch.Tensor:

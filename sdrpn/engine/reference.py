@@ -54,9 +54,9 @@ def _components(prob: np.ndarray, options: RoIOptions):
     height, width = prob.shape
     labels = label(prob > options.threshold, connectivity=2 if options.connectivity == 8 else 1)
     boxes, cells = [], np.zeros(prob.shape, dtype=bool)
-    regions = [r for r in regionprops(labels) if options.drop_area < r.area <= options.max_area]
+    regions = [r for r in regionprops(labels, intensity_image=prob) if options.drop_area < r.area <= options.max_area]
     if options.max_regions is not None:  # the strongest peaks; sorted() is stable, so ties keep label order
-        strongest = sorted(regions, key=lambda r: -prob[labels == r.label].max())[:options.max_regions]
+        strongest = sorted(regions, key=lambda r: -r.intensity_max)[:options.max_regions]
         regions = sorted(strongest, key=lambda r: r.label)
     for region in regions:
         y0, x0, y1, x1 = region.bbox

@@ -135,7 +135,7 @@ class Loop:
         self.command("train", *arguments, *extra)
         return out
 
-    def evaluate(self, name: str, rpn: Path, methods, strategy: str = "mask", *extra) -> dict:
+    def evaluate(self, name: str, rpn: Path, methods, strategy: str = "mask", extra: tuple = ()) -> dict:
         out = self.work / "eval" / f"{name}.json"
         arguments = ["--model", self.model, "--rpn", rpn, "--benchmark", "jsonl", "--data", self.data / "test.jsonl",
                      "--method", *methods, "--strategy", strategy, "--limit", self.options.test_samples,
@@ -188,7 +188,7 @@ class Loop:
         rpn = self.train(labels, "rpn")
         test_truths = self.truths("test")
         main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS), test_truths)
-        strongest = self.evaluate("strongest-region", rpn, ["sdrpn"], "mask", "--max-regions", 1)
+        strongest = self.evaluate("strongest-region", rpn, ["sdrpn"], extra=("--max-regions", 1))
         main[STRONGEST_REGION] = self.method_rows(strongest, test_truths)["sdrpn"]
         summary = {"model": str(self.model), "data": str(self.data),
                    "options": json.loads(json.dumps(asdict(options))),  # as testbed.json holds it
