@@ -14,7 +14,8 @@ Conventions shared by every method:
   index ``past + i`` sees the valid keys at indices ``<= past + i``. Padding may sit anywhere
   (left of the prompt or in the middle of it); ``None`` means every key is a real token.
 * ``cache`` is a ``transformers.Cache`` (the adapter creates it with :meth:`ModelAdapter.new_cache`);
-  layers append their keys and values to it through the public ``Cache.update``.
+  layers append their keys and values to it through the public ``Cache.update``; a ``DynamicCache``
+  works too.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def decoder_attention_mask(
 
     Returns:
         None where the kernel's own causal flag is exact, otherwise a 4-D (B or 1, 1, query_length,
-        key_length) mask (bool for sdpa, additive for eager) or the 2-D padding mask (flash).
+        key_length) additive mask in ``dtype`` (0 or -inf for sdpa, 0 or the dtype's minimum for
+        eager, as transformers builds them) or the 2-D padding mask (flash).
         Every query row keeps its own key, so padding rows never turn into NaN.
     """
     if implementation not in SUPPORTED_ATTENTION:
@@ -118,9 +120,9 @@ def decoder_attention_mask(
     if key_mask is not None:
         allowed = allowed & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         allowed = allowed | (key_index == query_index)[None, None]
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    # Additive for both: SDPA would turn a bool mask into this one (-inf where masked) in every layer.
+    blocked = float("-inf") if implementation == "sdpa" else torch.finfo(dtype).min
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, blocked)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,10 +264,10 @@ class ModelAdapter(abc.ABC):
         """
 
     def new_cache(self):
-        """An empty key/value cache for :meth:`run_layers`."""
-        from transformers import DynamicCache
+        """An empty key/value cache for :meth:`run_layers` (appends in place, see :mod:`sdrpn.models.cache`)."""
+        from .cache import AppendCache
 
-        return DynamicCache()
+        return AppendCache()
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """The rotary ``position_embeddings`` tuple the decoder layers take."""
