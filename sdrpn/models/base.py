@@ -122,7 +122,7 @@ def decoder_attention_mask(
         allowed = allowed | (key_index == query_index)[None, None]
     # Additive for both: SDPA would turn a bool mask into this one (-inf where masked) in every layer.
     blocked = float("-inf") if implementation == "sdpa" else torch.finfo(dtype).min
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, blocked)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)  # one pass, in ``dtype``
 
 
 @functools.lru_cache(maxsize=None)
