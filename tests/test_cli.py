@@ -94,6 +94,42 @@ def test_ratio_and_count_options_take_their_bounds(capsys):
     assert_user_error(status, err, "--refine-steps: must be at least 0, got -1")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_train_model_precision_and_the_emulated_bfloat16_warning(capsys, monkeypatch, tmp_path, native):
+    import torch
+
+    from sdrpn.testbed import train_model as training
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    seen = []
+
+    def fake_train(data, out, options, progress):
+        seen.append(options.bf16)
+        return {"final": {}, "train_seconds": 0.0}
+
+    monkeypatch.setattr(training, "train_model", fake_train)
+    base = ["testbed", "train-model", "--data", tmp_path, "--out", tmp_path / "o"]
+    status, _, err = run_cli(capsys, *base)
+    assert status == 0 and seen == [True]
+    assert ("bfloat16 is emulated" in err and "--precision fp32 avoids it" in err) is not native
+    status, _, err = run_cli(capsys, *base, "--precision", "fp32")
+    assert status == 0 and seen == [True, False] and "emulated" not in err
+
+
+def test_bfloat16_inference_on_an_emulating_cpu_warns(capsys, monkeypatch):
+    import torch
+
+    from sdrpn.commands.common import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "--dtype bf16: this CPU has no bfloat16 instructions" in capsys.readouterr().err
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert capsys.readouterr().err == ""
+
+
 def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "sdrpn", "eval", "--plot", str(tmp_path / "x.png"),

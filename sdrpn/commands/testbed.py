@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..testbed.loop import LoopOptions
-from .common import existing_dir, non_negative_int, positive_int, probability
+from .common import existing_dir, non_negative_int, positive_int, probability, warn_if_cpu_bfloat16_is_emulated
 
 HELP = "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA."
 EPILOG = """\
@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vision-steps", type=non_negative_int, metavar="N",
                        help="steps of the vision warm start before the language model trains; 0 skips it "
                             "(default: the recipe's)")
+    train.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                       help="autocast precision of the forward and backward passes; weights and optimizer stay "
+                            "fp32 (default bf16, the recipe's). CPUs without AVX512-BF16 or AMX emulate bf16 "
+                            "about 20x slower: use fp32 there (the model then differs from a bf16 run)")
     train.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     loop = actions.add_parser("run", help="the self-distillation loop on the tiny model, measured end to end",
@@ -125,7 +129,10 @@ def _train_model(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps}
-    options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
+    options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None},
+                                  bf16=args.precision == "bf16")
+    if options.bf16:  # the tiny model trains on the CPU
+        warn_if_cpu_bfloat16_is_emulated("--precision bf16", "--precision fp32")
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)
     final = summary["final"] or {}
     accuracy = ", ".join(f"{name} {value:.1%}" for name, value in final.items())
