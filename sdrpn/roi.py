@@ -144,10 +144,11 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     label_area.scatter_add_(1, flat, torch.ones_like(flat))
     kept_label = (label_area > options.drop_area) & (label_area <= options.max_area)
     kept_label[:, 0] = False  # background
-    if options.max_regions is not None:  # the other components become background before the boxes
+    if options.max_regions is not None:
         kept_label = _strongest(prob, flat, kept_label, options.max_regions)
-        labels = torch.where(kept_label.gather(1, flat).view_as(labels), labels, 0)
     cells = kept_label.gather(1, flat).view(batch, *grid)
+    if options.max_regions is not None:  # the other components become background before the boxes
+        labels = torch.where(cells, labels, 0)
     boxes, areas, valid, counts, overflow = ops.component_boxes(
         labels, options.max_components, options.drop_area, options.min_area, options.grow_to, options.max_area
     )
