@@ -128,9 +128,9 @@ def _train_model(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps}
-    options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None},
-                                  bf16=args.precision == "bf16")
+               "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps,
+               "bf16": args.precision == "bf16"}
+    options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
     if options.bf16:  # the tiny model trains on the CPU
         warn_if_cpu_bfloat16_is_emulated("--precision bf16", "--precision fp32")
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)
