@@ -2,28 +2,49 @@
 
 Usage::
 
-    python benchmarks/bench_e2e.py --arch tiny --device cpu --batch 1 --new-tokens 8 --roi-fraction 0.25
+    python benchmarks/bench_e2e.py --arch tiny --device cpu --batch 1 --new-tokens 8 --rois box:0.25
     python benchmarks/bench_e2e.py --arch llava-1.5-7b --random-weights --device cuda --dtype bfloat16 \\
-        --batch 1 --new-tokens 32 --roi-fraction 0.25 --json results/e2e.json
+        --batch 1 --new-tokens 16 --rois box:0.25,masked:0.3,none --json results/e2e.json
+    python benchmarks/bench_e2e.py ... --check-args   # validate the arguments, print the plan, exit
 
 Models are built from real transformers configs with random weights (``tiny``: a small LLaVA with
 LLaVA-1.5's 336-pixel view and 24 x 24 token grid; ``llava-1.5-7b``: the full architecture). With
-random weights the cost depends only on the shapes, so ``--roi-fraction F`` forces a RoI of that
-share of the grid (a centred square) to make the second view's size realistic; without it the RPN's
-own maps decide. Prompts are synthetic token ids around the image tokens, questions of different
-lengths per row (so batches are padded), source images 640 x 480.
+random weights the cost depends only on the shapes, so the RoI is forced; ``--rois`` lists the RoI
+configurations, all measured in one run, every row of a batch getting the same RoI:
+
+* ``box:F``: a centred square covering the share F of the token grid. Box upscaling: every one of
+  the H * W RoI slots holds a token of the crop view.
+* ``masked:F``: two squares in opposite corners of the grid, covering F of it together. Masked
+  upscaling: about F of the RoI slots hold tokens (those under the squares).
+* ``none``: no RoI; every RoI slot is empty.
+* ``rpn``: the RPN's own maps decide (random maps, with random weights).
+
+The RoI filters drop components of more than 225 cells (the authors' ``max_area``), so the largest
+``box`` covers about 0.4 of the 24 x 24 grid: a larger one would be no RoI, and is refused.
+Prompts are synthetic token ids around the image tokens, questions of different lengths per row
+(so batches are padded), source images 640 x 480.
 
 Methods: ``baseline`` (plain prefill + decode), ``sdrpn`` (two stages, KV reuse, everything between
 the stages on the device), ``sdrpn-reference`` (the plain way: CPU post-processing, PIL crop, a
-fresh stage-2 call that encodes both views and prefills everything), ``sdrpn-compiled``
-(``compile=True``), ``res-scaling`` and ``vicrop``. All methods share the decode loop.
+fresh stage-2 call that encodes both views and prefills everything, sample by sample),
+``sdrpn-compiled`` (``compile=True``), ``res-scaling`` and ``vicrop``. All methods share the decode
+loop. ``sdrpn`` and ``sdrpn-compiled`` run in each engine mode of ``--modes``
+(``SDRPN(sync_free=...)``): ``sync-free`` runs every RoI slot through every layer, masked, and
+reads nothing back on the host (the default on GPUs); ``trimmed`` reads the RoI token counts once
+and runs only the real RoI tokens (the default on the CPU). The methods that ignore the RoI
+(baseline, res-scaling, vicrop) are measured once. Every measured function takes its turn in each
+repeat, so all ratios compare times of the same run.
 
 ``ideal_ratio`` is DESIGN section 3's floor: the baseline plus the extra work of the method (for
 SD-RPN: the RoI tokens through all layers, T-1 blocks over the prompt, one vision pass over the
 crop), the extra work costed at the baseline's measured prefill speed (seconds per FLOP), the
-decode unchanged: ``t_base / (t_base + t_prefill * extra_flops / prefill_flops)``.
+decode unchanged: ``t_base / (t_base + t_prefill * extra_flops / prefill_flops)``. ``of_floor`` is
+``ratio_vs_baseline / ideal_ratio``: 1.0 when a method costs no more than its extra FLOPs.
 
-Prints a table; ``--json FILE`` writes the record described in issue 3.
+Prints a table of every measurement and, per RoI configuration, the engine modes side by side.
+``--json FILE`` writes the run: its settings, ``methods`` (the rows that ignore the RoI) and
+``configs`` (per RoI configuration: its boxes, RoI tokens, rows, sdrpn against sdrpn-reference and
+whether their tokens agree).
 """
 
 from __future__ import annotations
@@ -43,11 +64,17 @@ from PIL import Image
 
 from sdrpn import RPN, SDRPN
 from sdrpn.engine.baselines import vicrop_layer
-from sdrpn.roi import forced_logits
+from sdrpn.roi import RoIOptions, forced_logits
 
 PROMPT_PREFIX = 5  # "<s> USER :" style tokens before the image
 QUESTION_LENGTHS = (18, 11, 25, 14, 21, 9, 16, 23)  # per row, cycled
 SOURCE_SIZE = (640, 480)
+IMAGE_TOKENS = 576  # the 24 x 24 grid of every arch here
+
+METHODS = ("baseline", "sdrpn", "sdrpn-reference", "sdrpn-compiled", "res-scaling", "vicrop")
+MODE_METHODS = ("sdrpn", "sdrpn-compiled")  # measured in each engine mode
+ROI_METHODS = (*MODE_METHODS, "sdrpn-reference")  # measured in each RoI configuration
+ENGINE_MODES = {"sync-free": True, "trimmed": False}  # SDRPN(sync_free=...)
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,7 @@ def build_model(arch: Arch, device, dtype, attn_implementation: str):
     vocab = arch.text["vocab_size"]
     text = LlamaConfig(**arch.text, bos_token_id=1, eos_token_id=2, pad_token_id=vocab - 1)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**arch.vision), text_config=text,
-                         image_token_id=vocab - 2, image_seq_length=576, vision_feature_layer=-2,
+                         image_token_id=vocab - 2, image_seq_length=IMAGE_TOKENS, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
@@ -126,7 +153,8 @@ def build_inputs(model, processor, batch: int, device):
     for row in range(batch):
         question = QUESTION_LENGTHS[row % len(QUESTION_LENGTHS)]
         words = torch.randint(3, text.vocab_size - 2, (PROMPT_PREFIX + question,), generator=generator)
-        rows.append(torch.cat([words[:PROMPT_PREFIX], torch.full((576,), model.config.image_token_id), words[PROMPT_PREFIX:]]))
+        image = torch.full((IMAGE_TOKENS,), model.config.image_token_id)
+        rows.append(torch.cat([words[:PROMPT_PREFIX], image, words[PROMPT_PREFIX:]]))
     length = max(len(r) for r in rows)
     input_ids = torch.full((batch, length), text.pad_token_id)
     attention_mask = torch.zeros(batch, length, dtype=torch.long)
@@ -172,22 +200,151 @@ def vision_flops(config, tokens: int) -> float:
 def extra_flops(method: str, config, arch: Arch, prompt: int, roi_tokens: float) -> float:
     """Work a method adds to the baseline prefill (DESIGN section 3's floor)."""
     text = config.text_config
-    if method.startswith("sdrpn"):
-        return (vision_flops(config, 576) + llm_flops(text, prompt, 0, arch.num_blocks - 1)
+    if method.startswith("sdrpn"):  # without RoI tokens there is no crop to encode
+        crop = vision_flops(config, IMAGE_TOKENS) if roi_tokens > 0 else 0.0
+        return (crop + llm_flops(text, prompt, 0, arch.num_blocks - 1)
                 + llm_flops(text, int(roi_tokens), prompt, text.num_hidden_layers))
     if method == "res-scaling":
-        return vision_flops(config, 4 * 576) - vision_flops(config, 576) + llm_flops(text, 3 * 576, prompt,
-                                                                                      text.num_hidden_layers)
+        return (vision_flops(config, 4 * IMAGE_TOKENS) - vision_flops(config, IMAGE_TOKENS)
+                + llm_flops(text, 3 * IMAGE_TOKENS, prompt, text.num_hidden_layers))
     if method == "vicrop":  # two passes to its attention layer + the crop as a second image
         layers = vicrop_layer(text.num_hidden_layers) + 1
-        return (2 * llm_flops(text, prompt, 0, layers) + vision_flops(config, 576)
-                + llm_flops(text, 576, prompt, text.num_hidden_layers))
+        return (2 * llm_flops(text, prompt, 0, layers) + vision_flops(config, IMAGE_TOKENS)
+                + llm_flops(text, IMAGE_TOKENS, prompt, text.num_hidden_layers))
     return 0.0
 
 
 # ------------------------------------------------------------------------------------------------
-# Timing
+# RoI configurations and the measurement plan
 # ------------------------------------------------------------------------------------------------
+
+
+def grid_of(arch: Arch) -> tuple[int, int]:
+    side = arch.vision["image_size"] // arch.vision["patch_size"]
+    return side, side
+
+
+@dataclass(frozen=True)
+class RoIConfig:
+    """The RoI every row gets: ``boxes`` ``[x0, y0, x1, y1)`` on the token grid (empty: no RoI), or
+    None: the RPN's own maps."""
+
+    name: str
+    boxes: tuple | None
+
+    def logits(self, batch: int, grid, threshold: float, device) -> torch.Tensor | None:
+        if self.boxes is None:
+            return None
+        return forced_logits([list(self.boxes)] * batch, grid, threshold, device=device)
+
+
+def centred_square(fraction: float, grid) -> tuple:
+    side = max(2, round(math.sqrt(fraction) * min(grid)))
+    x0, y0 = (grid[1] - side) // 2, (grid[0] - side) // 2
+    return ((x0, y0, x0 + side, y0 + side),)
+
+
+def opposite_squares(fraction: float, grid) -> tuple:
+    """Two squares covering ``fraction`` of the grid together, in its top-left and bottom-right
+    corners: two components, so the engine upscales them masked."""
+    side = max(2, round(math.sqrt(fraction / 2) * min(grid)))
+    if 2 * side >= min(grid):  # they would touch (or overlap) and make one component
+        largest = 2 * ((min(grid) - 1) // 2) ** 2 / (grid[0] * grid[1])
+        raise ValueError(f"two squares covering {fraction} of the grid touch; use at most {largest:.2f}")
+    height, width = grid
+    return ((0, 0, side, side), (width - side, height - side, width, height))
+
+
+def roi_config(spec: str, grid) -> RoIConfig:
+    """``box:F``, ``masked:F``, ``none`` or ``rpn`` (see the module's docstring); ValueError says
+    what is wrong with ``spec``."""
+    kind, _, value = spec.partition(":")
+    if kind in ("none", "rpn") and not value:
+        return RoIConfig(spec, () if kind == "none" else None)
+    if kind not in ("box", "masked"):
+        raise ValueError(f"unknown RoI {spec!r}; use box:F, masked:F, none or rpn")
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ValueError(f"RoI {spec!r}: F must be a number in (0, 1]") from None
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"RoI {spec!r}: F must be in (0, 1]")
+    try:
+        boxes = centred_square(fraction, grid) if kind == "box" else opposite_squares(fraction, grid)
+    except ValueError as error:
+        raise ValueError(f"RoI {spec!r}: {error}") from None
+    max_area = RoIOptions().max_area
+    if any((x1 - x0) * (y1 - y0) > max_area for x0, y0, x1, y1 in boxes):
+        raise ValueError(f"RoI {spec!r}: the RoI filters drop components of more than {max_area} cells, "
+                         "so this would be no RoI; use a smaller F, or none")
+    return RoIConfig(spec, boxes)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured function: a method, in an engine mode, for a RoI configuration (None: the
+    method ignores the RoI)."""
+
+    method: str
+    config: RoIConfig | None = None
+    mode: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.mode}" if self.mode else self.method
+
+
+def plan(methods: list[str], modes: list[str], configs: list[RoIConfig]) -> list[Row]:
+    """The rows of a run: the baseline first, then the RoI-free methods, then per configuration
+    each RoI method, in each engine mode where it has modes."""
+    rows = [Row(method) for method in methods if method not in ROI_METHODS]  # the baseline comes first
+    for config in configs:
+        for method in methods:
+            if method in MODE_METHODS:
+                rows += [Row(method, config, mode) for mode in modes]
+            elif method in ROI_METHODS:
+                rows.append(Row(method, config))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and timing
+# ------------------------------------------------------------------------------------------------
+
+
+class Bench:
+    """The model, its inputs, one engine per (compiled, mode) and the forced RPN maps of each RoI
+    configuration, the engines and maps made on first use."""
+
+    def __init__(self, arch: Arch, batch: int, device, dtype, attn_implementation: str):
+        self.model, self.processor = build_model(arch, device, dtype, attn_implementation)
+        self.inputs, self.images = build_inputs(self.model, self.processor, batch, device)
+        self.rpn = RPN.from_model(self.model, arch.start_layer, arch.num_blocks)
+        self.grid, self.batch, self.device = grid_of(arch), batch, device
+        self.engines, self.roi_logits = {}, {}
+
+    def engine(self, row: Row) -> SDRPN:
+        key = (row.method == "sdrpn-compiled", row.mode or "sync-free")
+        if key not in self.engines:
+            self.engines[key] = SDRPN(self.model, self.rpn, self.processor, compile=key[0],
+                                      sync_free=ENGINE_MODES[key[1]])
+        return self.engines[key]
+
+    def forced_logits(self, config: RoIConfig | None, threshold: float) -> torch.Tensor | None:
+        """The RPN maps ``config`` forces, for an engine of RoI ``threshold``."""
+        if config is None:
+            return None
+        key = (config.name, threshold)
+        if key not in self.roi_logits:
+            self.roi_logits[key] = config.logits(self.batch, self.grid, threshold, self.device)
+        return self.roi_logits[key]
+
+    def generate(self, row: Row, new_tokens: int, return_roi: bool = False):
+        engine = self.engine(row)
+        method = "sdrpn" if row.method == "sdrpn-compiled" else row.method
+        roi_logits = self.forced_logits(row.config, engine.options.threshold)
+        return engine.generate(**self.inputs, images=self.images, method=method, max_new_tokens=new_tokens,
+                               roi_logits=roi_logits, return_roi=return_roi)
 
 
 def timed(functions: dict, device, repeats: int, warmup: int) -> dict:
@@ -209,7 +366,94 @@ def timed(functions: dict, device, repeats: int, warmup: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main(argv=None) -> int:
+def first_outputs(bench: Bench, rows: list[Row], new_tokens: int) -> dict:
+    """Each row's output (sequences, RoI tokens); a method that cannot run here is left out."""
+    outputs = {}
+    for row in rows:
+        try:
+            outputs[row] = bench.generate(row, new_tokens, return_roi=True)
+        except ValueError as error:
+            print(f"skipping {row.label}: {error}", file=sys.stderr)
+    return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+def row_records(latencies: dict, outputs: dict, batch: int, floor) -> dict:
+    """Per row: latency, throughput, visual tokens, ratio to the baseline, its floor, and how
+    close it comes to the floor. ``floor(row, roi_tokens)`` gives the row's ideal ratio."""
+    records = {row: {"latency_ms": latency, "throughput_samples_s": batch / latency * 1000,
+                     "visual_tokens": float(outputs[row].visual_tokens.float().mean())}
+               for row, latency in latencies.items()}
+    base = records[Row("baseline")]
+    for row, record in records.items():
+        record["ratio_vs_baseline"] = record["throughput_samples_s"] / base["throughput_samples_s"]
+        record["ideal_ratio"] = floor(row, record["visual_tokens"] - IMAGE_TOKENS)
+        record["of_floor"] = record["ratio_vs_baseline"] / record["ideal_ratio"]
+    return records
+
+
+def same_tokens(outputs: dict, row: Row, other: Row) -> bool | None:
+    if row not in outputs or other not in outputs:
+        return None
+    return bool(torch.equal(outputs[row].sequences.cpu(), outputs[other].sequences.cpu()))
+
+
+def config_record(config: RoIConfig, rows: list[Row], records: dict, outputs: dict) -> dict:
+    """One RoI configuration: its rows, RoI tokens, each mode against sdrpn-reference."""
+    mine = [row for row in rows if row.config == config and row in records]
+    reference = Row("sdrpn-reference", config)
+    moded = [row for row in mine if row.mode]
+    vs_reference = {row.label: records[row]["throughput_samples_s"] / records[reference]["throughput_samples_s"]
+                    for row in moded if reference in records}
+    equivalence = {f"{row.label}_vs_reference_tokens_equal": same_tokens(outputs, row, reference) for row in moded}
+    return {"boxes": None if config.boxes is None else [list(box) for box in config.boxes],
+            "roi_tokens": records[mine[0]]["visual_tokens"] - IMAGE_TOKENS if mine else None,
+            "methods": {row.label: records[row] for row in mine},
+            "throughput_vs_reference": vs_reference, "equivalence": equivalence}
+
+
+def print_rows(records: dict) -> None:
+    print(f"{'RoI':<14}{'method':<26}{'latency ms':>11}{'samples/s':>11}{'vs base':>9}{'floor':>8}"
+          f"{'of floor':>10}{'visual tok':>12}")
+    for row, values in records.items():
+        print(f"{row.config.name if row.config else '-':<14}{row.label:<26}{values['latency_ms']:>11.2f}"
+              f"{values['throughput_samples_s']:>11.2f}{values['ratio_vs_baseline']:>9.3f}"
+              f"{values['ideal_ratio']:>8.3f}{values['of_floor']:>10.3f}{values['visual_tokens']:>12.1f}")
+
+
+def print_modes(method: str, configs: dict) -> None:
+    """The engine modes of ``method`` side by side: throughput against the baseline and against
+    sdrpn-reference, per RoI configuration."""
+    sync_free, trimmed = f"{method}/sync-free", f"{method}/trimmed"
+    print(f"{method}, sync-free against trimmed (throughput vs baseline; vs sdrpn-reference):")
+    print(f"{'RoI':<14}{'RoI tok':>9}{'floor':>8}{'sync-free':>11}{'trimmed':>9}{'trim/sf':>9}"
+          f"{'sf/ref':>8}{'trim/ref':>10}")
+    for name, config in configs.items():
+        rows = config["methods"]
+        if sync_free not in rows or trimmed not in rows:
+            continue
+        sf, tr = rows[sync_free]["ratio_vs_baseline"], rows[trimmed]["ratio_vs_baseline"]
+        vs_reference = config["throughput_vs_reference"]
+        versus = [f"{vs_reference[label]:.2f}x" if label in vs_reference else "-" for label in (sync_free, trimmed)]
+        print(f"{name:<14}{config['roi_tokens']:>9.1f}{rows[trimmed]['ideal_ratio']:>8.3f}{sf:>11.3f}{tr:>9.3f}"
+              f"{tr / sf:>8.2f}x{versus[0]:>8}{versus[1]:>10}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, validated: methods, modes and RoI configurations come back as lists."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
     parser.add_argument("--random-weights", action="store_true",
@@ -219,97 +463,103 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--methods", default="baseline,sdrpn,sdrpn-reference,res-scaling,vicrop",
-                        help="comma-separated: baseline, sdrpn, sdrpn-reference, sdrpn-compiled, res-scaling, vicrop")
-    parser.add_argument("--roi-fraction", type=float, default=None,
-                        help="force a centred square RoI covering this share of the token grid")
+                        help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--modes", default="sync-free,trimmed",
+                        help=f"engine modes of sdrpn and sdrpn-compiled, comma-separated: {', '.join(ENGINE_MODES)}")
+    parser.add_argument("--rois", default="rpn", help="RoI configurations, comma-separated: box:F, masked:F, none, rpn")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--check-args", action="store_true", help="validate the arguments, print the plan and exit")
     args = parser.parse_args(argv)
     if args.arch != "tiny" and not args.random_weights:
         parser.error(f"--arch {args.arch} needs --random-weights (no checkpoint can be loaded here)")
-    if args.roi_fraction is not None and not 0.0 < args.roi_fraction <= 1.0:
-        parser.error("--roi-fraction must be in (0, 1]")
+    for name in ("batch", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.methods = ["baseline", *(m for m in names(args.methods) if m != "baseline")]
+    args.modes = names(args.modes)
+    for flag, given, known in (("--methods", args.methods, METHODS), ("--modes", args.modes, ENGINE_MODES)):
+        unknown = [name for name in given if name not in known]
+        if unknown or not given:
+            parser.error(f"{flag}: unknown or none: {', '.join(unknown)}; choose from {', '.join(known)}")
+    try:
+        args.rois = [roi_config(spec, grid_of(ARCHS[args.arch])) for spec in names(args.rois)]
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.rois:
+        parser.error("--rois: give at least one RoI configuration")
+    return args
+
+
+def print_plan(args, rows: list[Row]) -> None:
+    print(f"arguments valid: {args.arch} on {args.device} ({args.dtype}), batch {args.batch}, "
+          f"{args.new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} timed runs of:")
+    for row in rows:
+        boxes = "" if row.config is None else f" {row.config.name} {row.config.boxes}"
+        print(f"  {row.label}{boxes}")
+
+
+def measure(bench: Bench, outputs: dict, args) -> tuple[dict, float]:
+    """Median latency of each row that ran, and of the baseline's prefill alone (one new token)."""
+    functions = {row: (lambda row=row: bench.generate(row, args.new_tokens)) for row in outputs}
+    functions["baseline-prefill"] = lambda: bench.generate(Row("baseline"), 1)
+    functions["baseline-prefill"]()  # its first call stays out of the timing, as each row's did
+    latencies = timed(functions, bench.device, args.repeats, args.warmup)
+    return latencies, latencies.pop("baseline-prefill")
+
+
+def print_report(record: dict, records: dict, args) -> None:
+    print(f"{args.arch} on {record['device_name'] or record['device']} ({args.dtype}), batch {args.batch}, "
+          f"{args.new_tokens} new tokens, prompt {record['prompt_tokens']} tokens")
+    print_rows(records)
+    for method in MODE_METHODS:
+        if method in args.methods and set(ENGINE_MODES) <= set(args.modes):
+            print_modes(method, record["configs"])
+    equivalence = {name: config["equivalence"] for name, config in record["configs"].items()}
+    print("equivalence:", json.dumps({"baseline_vs_generate_equal": record["baseline_vs_generate_equal"],
+                                      **equivalence}))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = plan(args.methods, args.modes, args.rois)
+    if args.check_args:
+        print_plan(args, rows)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    if "baseline" not in methods:
-        methods.insert(0, "baseline")
-
     device, dtype, arch = torch.device(args.device), getattr(torch, args.dtype), ARCHS[args.arch]
-    model, processor = build_model(arch, device, dtype, args.attn_implementation)
-    inputs, images = build_inputs(model, processor, args.batch, device)
-    rpn = RPN.from_model(model, arch.start_layer, arch.num_blocks)
-    engines = {"default": SDRPN(model, rpn, processor)}
-    grid = engines["default"].adapter.image_grid
-    roi_logits = None
-    if args.roi_fraction is not None:
-        side = max(2, round(math.sqrt(args.roi_fraction) * grid[0]))
-        start = (grid[0] - side) // 2
-        box = (start, start, start + side, start + side)
-        roi_logits = forced_logits([[box]] * args.batch, grid, engines["default"].options.threshold, device=device)
+    bench = Bench(arch, args.batch, device, dtype, args.attn_implementation)
+    model, text = bench.model, bench.model.config.text_config
 
-    def run(method, new_tokens, return_roi=False):
-        engine = engines["default"]
-        if method == "sdrpn-compiled":
-            engine = engines.setdefault("compiled", SDRPN(model, rpn, processor, compile=True))
-            method = "sdrpn"
-        return engine.generate(**inputs, images=images, method=method, max_new_tokens=new_tokens,
-                               roi_logits=roi_logits, return_roi=return_roi)
+    outputs = first_outputs(bench, rows, args.new_tokens)
+    latencies, prefill_ms = measure(bench, outputs, args)
+    prompt = int(bench.inputs["attention_mask"].sum(1).float().mean())
+    prefill_flops = vision_flops(model.config, IMAGE_TOKENS) + llm_flops(text, prompt, 0, text.num_hidden_layers)
 
-    outputs = {}
-    for method in methods:
-        try:
-            outputs[method] = run(method, args.new_tokens, return_roi=True)
-        except ValueError as error:
-            print(f"skipping {method}: {error}", file=sys.stderr)
-    runs = {method: (lambda method=method: run(method, args.new_tokens)) for method in outputs}
-    runs["baseline-prefill"] = lambda: run("baseline", 1)
-    latencies = timed(runs, device, args.repeats, args.warmup)
-    prefill_ms = latencies.pop("baseline-prefill")
-    prompt = int(inputs["attention_mask"].sum(1).float().mean())
-    text = model.config.text_config
-    prefill_flops = vision_flops(model.config, 576) + llm_flops(text, prompt, 0, text.num_hidden_layers)
-    results = {
-        method: {"latency_ms": latency, "throughput_samples_s": args.batch / latency * 1000,
-                 "visual_tokens": float(outputs[method].visual_tokens.float().mean())}
-        for method, latency in latencies.items()
-    }
-    base = results["baseline"]
-    for method, record in results.items():
-        record["ratio_vs_baseline"] = record["throughput_samples_s"] / base["throughput_samples_s"]
-        extra = extra_flops(method, model.config, arch, prompt, record["visual_tokens"] - 576)
-        ideal_latency = base["latency_ms"] + prefill_ms * extra / prefill_flops
-        record["ideal_ratio"] = base["latency_ms"] / ideal_latency
+    def floor(row: Row, roi_tokens: float) -> float:
+        base_ms = latencies[Row("baseline")]
+        extra = extra_flops(row.method, model.config, arch, prompt, roi_tokens)
+        return base_ms / (base_ms + prefill_ms * extra / prefill_flops)
 
-    equivalence = {"fast_vs_reference_tokens_equal": None, "baseline_vs_generate_equal": None}
-    if "sdrpn" in outputs and "sdrpn-reference" in outputs:
-        equivalence["fast_vs_reference_tokens_equal"] = bool(
-            torch.equal(outputs["sdrpn"].sequences.cpu(), outputs["sdrpn-reference"].sequences.cpu()))
+    records = row_records(latencies, outputs, args.batch, floor)
     with torch.inference_mode():
-        expected = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
-    equivalence["baseline_vs_generate_equal"] = bool(torch.equal(outputs["baseline"].sequences, expected))
-
+        expected = model.generate(**bench.inputs, max_new_tokens=args.new_tokens, do_sample=False)
     record = {
         "arch": args.arch, "device": str(device), "dtype": args.dtype, "batch": args.batch,
-        "new_tokens": args.new_tokens, "roi_fraction": args.roi_fraction, "prompt_tokens": prompt,
-        "baseline_prefill_ms": prefill_ms, "methods": results, "equivalence": equivalence,
+        "new_tokens": args.new_tokens, "prompt_tokens": prompt, "modes": args.modes,
+        "rois": [config.name for config in args.rois], "baseline_prefill_ms": prefill_ms,
+        "methods": {row.label: values for row, values in records.items() if row.config is None},
+        "configs": {config.name: config_record(config, rows, records, outputs) for config in args.rois},
+        "baseline_vs_generate_equal": bool(torch.equal(outputs[Row("baseline")].sequences, expected)),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
     }
-    print(f"{args.arch} on {record['device_name'] or device} ({args.dtype}), batch {args.batch}, "
-          f"{args.new_tokens} new tokens, prompt {prompt} tokens, RoI fraction {args.roi_fraction}")
-    print(f"{'method':<18}{'latency ms':>12}{'samples/s':>12}{'vs base':>10}{'ideal':>8}{'visual tok':>12}")
-    for method, values in results.items():
-        print(f"{method:<18}{values['latency_ms']:>12.2f}{values['throughput_samples_s']:>12.2f}"
-              f"{values['ratio_vs_baseline']:>10.3f}{values['ideal_ratio']:>8.3f}{values['visual_tokens']:>12.1f}")
-    if "sdrpn" in results and "sdrpn-reference" in results:
-        speedup = results["sdrpn"]["throughput_samples_s"] / results["sdrpn-reference"]["throughput_samples_s"]
-        print(f"sdrpn vs sdrpn-reference throughput: {speedup:.2f}x")
-    print("equivalence:", json.dumps(equivalence))
+    print_report(record, records, args)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(record, file, indent=1)

@@ -1,7 +1,8 @@
 """The ``sdrpn`` command.
 
-Each subcommand lives in ``sdrpn/commands/<name>.py`` and provides ``HELP`` (one line), ``EPILOG``
-(examples for ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``. Only the module of
+Each subcommand lives in ``sdrpn/commands/<name>.py`` (a hyphen in the name is an underscore in
+the file's) and provides ``HELP`` (one line), ``EPILOG`` (examples for ``--help``),
+``add_arguments(parser)`` and ``run(args) -> int``. Only the module of
 the subcommand being run is imported, so ``sdrpn --help`` answers at once; the names and one-line
 helps of all subcommands are kept here for that listing.
 
@@ -35,6 +36,8 @@ SUBCOMMANDS = {
     "eval": "Evaluate methods on a benchmark: metric, samples/s, visual tokens; plot the trade-off.",
     "bench": "Run the speed benchmarks (kernels, end-to-end generation, distillation).",
     "testbed": "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA.",
+    "convert": "Convert the SD-RPN authors' released LLaVA-1.5 RPN into an RPN directory for a llava-hf model.",
+    "import-labels": "Turn the SD-RPN authors' pseudo-label pickle into label shards for sdrpn train.",
 }
 
 DESCRIPTION = """\
@@ -59,10 +62,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def command_module(name: str) -> str:
+    """The module of subcommand ``name``."""
+    return f"sdrpn.commands.{name.replace('-', '_')}"
+
+
 def available_subcommands() -> dict[str, str]:
     """The subcommands whose module is installed, with their one-line help."""
     return {name: text for name, text in SUBCOMMANDS.items()
-            if importlib.util.find_spec(f"sdrpn.commands.{name}") is not None}
+            if importlib.util.find_spec(command_module(name)) is not None}
 
 
 def _requested(argv: Sequence[str], names) -> str | None:
@@ -87,7 +95,7 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, obj
         if name != requested:
             subparsers.add_parser(name, help=one_line)
             continue
-        module = importlib.import_module(f"sdrpn.commands.{name}")
+        module = importlib.import_module(command_module(name))
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP,
                                     epilog=f"examples:\n{module.EPILOG}",
                                     formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,13 +4,17 @@ Every step runs on the device with static shapes and without host synchronisatio
 section 3.2):
 
     logits --roi_mask--> prob, mask --connected_components--> labels --component_boxes--> boxes
-    --> RoI cells (kept components) + strategy --> region (grid box) --> square crop in source pixels
-    --> PIL-exact resize + normalise --> pixel_values of the RoI view
-    --> keep mask over the view's tokens (all for box upscaling, the ones under the RoI cells for
-        masked upscaling, none without a RoI)
+    --> mode + region (grid box) --> source-pixel rectangle --> stretched to the vision input
+    (PIL-exact bilinear) + normalise --> pixel_values of the RoI view
+    --> keep mask over the view's tokens (all for box upscaling; for masked upscaling the mask cut
+        to the region, bilinear-resized to the token grid, > 0.5; none without a RoI)
 
-Strategies: ``"mask"`` (1 component: box upscaling, >= 2: masked upscaling), ``"box"`` (always box
-upscaling of the region enclosing all components) and ``"none"`` (never a second view).
+By default every rule is the SD-RPN authors' release for LLaVA-1.5 (YuHengsss/SD-RPN 00876ac,
+``get_batched_sub_images`` in ``LLaVA/llava/mm_utils.py`` ~904-970): 0 kept components: no second
+view; 1: box upscaling of its (grown) box; >= 2: masked upscaling of the box around the whole
+thresholded mask, dropped components included. Strategies: ``"mask"`` (that rule), ``"box"`` (box
+upscaling of the box around every kept component's box, also for >= 2 components, where the authors'
+``bbox`` mode encodes two crops or none) and ``"none"`` (never a second view).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .models.geometry import ImageGeometry, resample_views, square_crop_boxes, to_rgb_array
+from .models.geometry import PIL_BILINEAR, ImageGeometry, resample_views, square_crop_boxes, to_rgb_array
 
 __all__ = [
     "THRESHOLDS",
@@ -32,8 +36,9 @@ __all__ = [
     "SourceImages",
     "propose",
     "forced_logits",
+    "grid_box_crops",
     "grid_box_squares",
-    "region_squares",
+    "region_crops",
     "roi_views",
     "roi_token_keep",
     "MODE_NONE",
@@ -67,11 +72,14 @@ class RoIOptions:
         connectivity: 8 (or 4) for connected components.
         drop_area: components of at most this many cells are noise.
         max_area: components of more cells are dropped.
-        min_area, grow_to: components of fewer than ``min_area`` cells become ``grow_to`` squares.
+        min_area, grow_to: components of fewer than ``min_area`` cells grow to a box at least
+            ``grow_to`` wide, as the authors grow them (see ``sdrpn.ops.component_boxes``).
         max_components: component slots reported per image (more are counted, not listed).
         max_regions: keep only this many components, those of the highest peak probability
             (ties: the first in raster order); None keeps them all, as the authors do. With 1,
-            every RoI is the box upscaling of the strongest region.
+            every RoI is the box upscaling of the strongest region; with more, masked upscaling
+            keeps the chosen components' cells instead of the whole mask. For models whose maps
+            often have far-apart components, where one loose enclosing crop is too coarse to read.
     """
 
     strategy: str = "mask"
@@ -106,8 +114,10 @@ class RoIProposal:
         valid: (B, M) bool filled slots.
         counts: (B,) int32 components kept (all of them, including any beyond the M slots, up to
             ``max_regions``).
-        cells: (B, H, W) bool RoI cells: the pixels of kept components and the grown boxes.
-        region: (B, 4) int64 grid box enclosing ``cells`` (zeros without a RoI).
+        cells: (B, H, W) bool cells of the original view that the second view shows: the region's
+            box for box upscaling, the mask inside the region for masked upscaling, none without a RoI.
+        region: (B, 4) int64 grid box ``[x0, y0, x1, y1)`` the second view is cut from (zeros
+            without a RoI).
         mode: (B,) int64 ``MODE_NONE``, ``MODE_BOX`` or ``MODE_MASK`` per sample.
     """
 
@@ -138,38 +148,55 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     prob, mask = ops.roi_mask(logits, options.threshold, options.blur)
     labels = ops.connected_components(mask, options.connectivity)
 
-    # RoI cells: the pixels of the components that pass the area filters (per-label pixel counts) ...
+    # Components that pass the area filters (per-label pixel counts).
     flat = labels.reshape(batch, -1).long()
     label_area = torch.zeros(batch, grid[0] * grid[1] + 1, dtype=torch.long, device=logits.device)
     label_area.scatter_add_(1, flat, torch.ones_like(flat))
     kept_label = (label_area > options.drop_area) & (label_area <= options.max_area)
     kept_label[:, 0] = False  # background
-    if options.max_regions is not None:
-        kept_label = _strongest(prob, flat, kept_label, options.max_regions)
-    cells = kept_label.gather(1, flat).view(batch, *grid)
+    masked_source = mask
     if options.max_regions is not None:  # the other components become background before the boxes
-        labels = torch.where(cells, labels, 0)
+        kept_label = _strongest(prob, flat, kept_label, options.max_regions)
+        masked_source = kept_label.gather(1, flat).view(batch, *grid)
+        labels = torch.where(masked_source, labels, 0)
     boxes, areas, valid, counts, overflow = ops.component_boxes(
         labels, options.max_components, options.drop_area, options.min_area, options.grow_to, options.max_area
     )
     total = counts.long() + overflow.long()
-    # ... and the grown boxes of the small ones.
-    rows = torch.arange(grid[0], device=logits.device)[:, None]
-    cols = torch.arange(grid[1], device=logits.device)
-    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))
-    in_box = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)  # (B, M, H, W)
-    small = valid & (areas < options.min_area)
-    cells = cells | (in_box & small[..., None, None]).any(dim=1)
-
-    region = _enclosing_box(cells)
     if options.strategy == "none":
         mode = torch.zeros(batch, dtype=torch.long, device=logits.device)
     elif options.strategy == "box":
         mode = torch.where(total > 0, MODE_BOX, MODE_NONE)
     else:
         mode = torch.where(total > 1, MODE_MASK, torch.where(total > 0, MODE_BOX, MODE_NONE))
+
+    # Box upscaling shows the box around the component boxes (one box with the "mask" strategy);
+    # masked upscaling the box around the whole mask.
+    box_region = _enclosing_boxes(boxes, valid)
+    mask_region = _enclosing_box(masked_source)
+    region = torch.where((mode == MODE_MASK)[:, None], mask_region, box_region)
+    region = torch.where((mode > MODE_NONE)[:, None], region, torch.zeros_like(region))
+    cells = torch.where((mode == MODE_MASK)[:, None, None], masked_source, _box_cells(region, grid))
     return RoIProposal(logits=logits, prob=prob, mask=mask, boxes=boxes, valid=valid, counts=total.int(),
                        cells=cells, region=region, mode=mode)
+
+
+def _enclosing_boxes(boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 4) int64 box around the valid boxes of (B, M, 4) (zeros when none)."""
+    boxes = boxes.long()
+    big = torch.iinfo(torch.long).max
+    low = torch.where(valid[..., None], boxes[..., :2], big).amin(dim=1)
+    high = torch.where(valid[..., None], boxes[..., 2:], -1).amax(dim=1)
+    box = torch.cat([low, high], dim=1)
+    return torch.where(valid.any(dim=1, keepdim=True), box, torch.zeros_like(box))
+
+
+def _box_cells(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool cells inside (B, 4) grid boxes ``[x0, y0, x1, y1)``."""
+    rows = torch.arange(grid[0], device=box.device)[:, None]
+    cols = torch.arange(grid[1], device=box.device)
+    x0, y0, x1, y1 = (box[:, i, None, None] for i in range(4))
+    return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
 
 
 def _strongest(prob, flat_labels, kept_label, count: int):
@@ -236,14 +263,17 @@ class SourceImages:
     Attributes:
         pixels: (B, 3, H_max, W_max) uint8 RGB, each image at the top-left corner.
         sizes: (B, 2) int64 ``(width, height)``.
-        transforms: (B, 4) float64 view-to-source maps ``[a_x, b_x, a_y, b_y]``.
-        max_side: the longest image side (bounds the crop squares).
+        transforms: (B, 4) float64 exact view-to-source maps ``[a_x, b_x, a_y, b_y]``.
+        crop_maps: (B, 4) float32 ``[pad_x, ratio_x, pad_y, ratio_y]`` of the RoI crops
+            (:meth:`~sdrpn.models.geometry.ImageGeometry.crop_map`).
+        max_side: the longest image side (bounds the crops).
         mean, std: (3, 1, 1) float32 normalisation constants, uploaded with the images.
     """
 
     pixels: torch.Tensor
     sizes: torch.Tensor
     transforms: torch.Tensor
+    crop_maps: torch.Tensor
     max_side: int
     mean: torch.Tensor
     std: torch.Tensor
@@ -265,20 +295,42 @@ class SourceImages:
             pixels=(pixels.pin_memory() if pin else pixels).to(device, non_blocking=True).permute(0, 3, 1, 2),
             sizes=torch.tensor(sizes, dtype=torch.long).to(device),
             transforms=geometry.transforms_tensor(sizes).to(device),
+            crop_maps=geometry.crop_maps_tensor(sizes).to(device),
             max_side=max(max(size) for size in sizes),
             mean=torch.tensor(geometry.image_mean, dtype=torch.float32).view(3, 1, 1).to(device),
             std=torch.tensor(geometry.image_std, dtype=torch.float32).view(3, 1, 1).to(device),
         )
 
 
+def grid_box_crops(boxes: torch.Tensor, sources: SourceImages, geometry: ImageGeometry,
+                   grid: tuple[int, int]) -> torch.Tensor:
+    """(B, 4) int64 source-pixel rectangles ``[x0, y0, width, height]`` of (B, 4) grid boxes.
+
+    The authors' arithmetic (``get_bbox4src``, ``LLaVA/llava/ana_utils.py`` ~681-740): cells to view
+    pixels, ``(v - pad) / ratio`` in float32, clamped to the image, truncated to whole pixels. A
+    rectangle they would leave empty (a box wholly in the padding) keeps one pixel, where their
+    crop would fail.
+    """
+    view_h, view_w = geometry.input_size
+    pad_x, ratio_x, pad_y, ratio_y = (value[:, None] for value in sources.crop_maps.unbind(1))
+    xs = (boxes[:, 0::2].float() * (view_w / grid[1]) - pad_x) / ratio_x
+    ys = (boxes[:, 1::2].float() * (view_h / grid[0]) - pad_y) / ratio_y
+    width, height = sources.sizes[:, 0:1], sources.sizes[:, 1:2]
+    xs = torch.minimum(xs.clamp_min(0.0), width.float()).long()
+    ys = torch.minimum(ys.clamp_min(0.0), height.float()).long()
+    x0, y0 = torch.minimum(xs[:, 0], width[:, 0] - 1), torch.minimum(ys[:, 0], height[:, 0] - 1)
+    x1, y1 = torch.maximum(xs[:, 1], x0 + 1), torch.maximum(ys[:, 1], y0 + 1)
+    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1)
+
+
 def grid_box_squares(boxes: torch.Tensor, sources: SourceImages, geometry: ImageGeometry,
                      grid: tuple[int, int]) -> torch.Tensor:
-    """(B, 3) int64 square crops ``[x0, y0, side]`` in source pixels around (B, 4) grid boxes."""
+    """(B, 4) int64 aspect-keeping square crops ``[x0, y0, side, side]`` in source pixels around
+    (B, 4) grid boxes mapped exactly (the views of ViCrop and res-scaling)."""
     view_h, view_w = geometry.input_size
     cell_w, cell_h = view_w / grid[1], view_h / grid[0]
     x0, y0, x1, y1 = boxes.double().unbind(1)
     a_x, b_x, a_y, b_y = sources.transforms.unbind(1)
-    # Grid cells -> view pixels -> source pixels, clipped to the image.
     source_box = torch.stack([a_x * (x0 * cell_w) + b_x, a_y * (y0 * cell_h) + b_y,
                               a_x * (x1 * cell_w) + b_x, a_y * (y1 * cell_h) + b_y], dim=1)
     limits = sources.sizes.double().repeat(1, 2)
@@ -286,49 +338,75 @@ def grid_box_squares(boxes: torch.Tensor, sources: SourceImages, geometry: Image
     return square_crop_boxes(source_box, sources.sizes)
 
 
-def region_squares(proposal: RoIProposal, sources: SourceImages, geometry: ImageGeometry,
-                   grid: tuple[int, int]) -> torch.Tensor:
-    """(B, 3) int64 square crops ``[x0, y0, side]`` in source pixels around each sample's region
-    (the whole kept view when there is no RoI, so that shapes stay static)."""
+def region_crops(proposal: RoIProposal, sources: SourceImages, geometry: ImageGeometry,
+                 grid: tuple[int, int]) -> torch.Tensor:
+    """(B, 4) int64 source-pixel rectangles ``[x0, y0, width, height]`` of each sample's region
+    (the whole view's when there is no RoI, so that shapes stay static)."""
     has_roi = (proposal.mode > MODE_NONE)[:, None]
-    whole = torch.stack([torch.zeros_like(proposal.region[:, 0]), torch.zeros_like(proposal.region[:, 0]),
-                         torch.full_like(proposal.region[:, 0], grid[1]),
-                         torch.full_like(proposal.region[:, 0], grid[0])], dim=1)
-    return grid_box_squares(torch.where(has_roi, proposal.region, whole), sources, geometry, grid)
+    whole = torch.tensor([0, 0, grid[1], grid[0]], device=proposal.region.device).expand_as(proposal.region)
+    return grid_box_crops(torch.where(has_roi, proposal.region, whole), sources, geometry, grid)
 
 
-def roi_views(squares: torch.Tensor, sources: SourceImages, geometry: ImageGeometry) -> torch.Tensor:
-    """(B, 3, H, W) float32 ``pixel_values`` of the RoI views (square crops resized as PIL does)."""
-    views = resample_views(sources.pixels, sources.sizes, squares, geometry.input_size, geometry.resample,
+def roi_views(crops: torch.Tensor, sources: SourceImages, geometry: ImageGeometry,
+              resample: int = PIL_BILINEAR) -> torch.Tensor:
+    """(B, 3, H, W) float32 ``pixel_values`` of the RoI views: each crop stretched to the vision
+    input (bilinear, as the authors resize their crops, ``LLaVA/llava/mm_utils.py`` ~935-936, ~958).
+
+    The processor's own resize and centre crop of an image already at its input size change
+    nothing, so normalising is all that is left of it.
+    """
+    views = resample_views(sources.pixels, sources.sizes, crops, geometry.input_size, resample,
                            geometry.pad_color, sources.max_side)
     return geometry.normalize(views, sources.mean, sources.std)
 
 
-def roi_token_keep(proposal: RoIProposal, squares: torch.Tensor, sources: SourceImages,
-                   geometry: ImageGeometry, grid: tuple[int, int]) -> torch.Tensor:
+def roi_token_keep(proposal: RoIProposal, grid: tuple[int, int]) -> torch.Tensor:
     """(B, H * W) bool: which tokens of each RoI view enter stage 2.
 
-    Box upscaling keeps them all; masked upscaling keeps a token when the centre of its patch lies
-    inside the image on a RoI cell of the original view; no RoI keeps none.
+    Box upscaling keeps them all; no RoI keeps none; masked upscaling keeps a token where the
+    masked cells cut to the region, bilinear-resized to the view's token grid, exceed 0.5 (the
+    authors' rule, ``LLaVA/llava/mm_utils.py`` ~950-965).
     """
-    device = squares.device
-    view_h, view_w = geometry.input_size
-    rows = (torch.arange(grid[0], device=device, dtype=torch.float64) + 0.5) * (view_h / grid[0])
-    cols = (torch.arange(grid[1], device=device, dtype=torch.float64) + 0.5) * (view_w / grid[1])
-    x0, y0, side = (squares[:, i].double() for i in range(3))
-    # Patch centres of the RoI view in source pixels, then in cells of the original view.
-    source_x = x0[:, None] + cols[None] * (side[:, None] / view_w)  # (B, W)
-    source_y = y0[:, None] + rows[None] * (side[:, None] / view_h)  # (B, H)
-    a_x, b_x, a_y, b_y = (t[:, None] for t in sources.transforms.unbind(1))
-    cell_x = torch.floor((source_x - b_x) / a_x / (view_w / grid[1])).long()
-    cell_y = torch.floor((source_y - b_y) / a_y / (view_h / grid[0])).long()
-    width, height = sources.sizes[:, 0, None].double(), sources.sizes[:, 1, None].double()
-    ok_x = (cell_x >= 0) & (cell_x < grid[1]) & (source_x >= 0) & (source_x < width)
-    ok_y = (cell_y >= 0) & (cell_y < grid[0]) & (source_y >= 0) & (source_y < height)
-    batch = squares.shape[0]
-    flat_index = cell_y.clamp(0, grid[0] - 1)[:, :, None] * grid[1] + cell_x.clamp(0, grid[1] - 1)[:, None, :]
-    on_cells = proposal.cells.reshape(batch, -1).gather(1, flat_index.reshape(batch, -1)).view(batch, *grid)
-    under_mask = on_cells & ok_y[:, :, None] & ok_x[:, None, :]
+    keep = resized_region_mask_above_half(proposal.cells, proposal.region, grid)
     mode = proposal.mode[:, None, None]
-    keep = torch.where(mode == MODE_BOX, torch.ones_like(under_mask), under_mask & (mode == MODE_MASK))
-    return keep.reshape(batch, -1)
+    keep = torch.where(mode == MODE_BOX, torch.ones_like(keep), keep & (mode == MODE_MASK))
+    return keep.reshape(keep.shape[0], -1)
+
+
+def resized_region_mask_above_half(cells: torch.Tensor, region: torch.Tensor,
+                                   out_size: tuple[int, int]) -> torch.Tensor:
+    """(B, H_out, W_out) bool: where the cells inside each region box, resized bilinearly to
+    ``out_size`` (half-pixel centres, edge clamping, no antialiasing: ``interpolate(mode="bilinear",
+    align_corners=False)``), exceed 0.5. Static shapes.
+
+    The weights of that resize are multiples of ``1 / (2 * out)``, so the value is computed exactly
+    in integers. Float kernels agree except at exact ties (a value of 0.5, frequent on 0/1 masks),
+    which their rounding settles either way, and differently on the CPU and on a GPU.
+    """
+    values = cells.long()
+    row_index, row_weight = _linear_taps(region[:, 1], region[:, 3], out_size[0])  # (B, H_out, 2)
+    col_index, col_weight = _linear_taps(region[:, 0], region[:, 2], out_size[1])  # (B, W_out, 2)
+    samples = torch.arange(values.shape[0], device=values.device)[:, None, None]
+    total = torch.zeros(values.shape[0], *out_size, dtype=torch.long, device=values.device)
+    for row_tap in range(2):
+        for col_tap in range(2):
+            picked = values[samples, row_index[:, :, None, row_tap], col_index[:, None, :, col_tap]]
+            total += picked * row_weight[:, :, None, row_tap] * col_weight[:, None, :, col_tap]
+    return 2 * total > (2 * out_size[0]) * (2 * out_size[1])
+
+
+def _linear_taps(start: torch.Tensor, end: torch.Tensor, out: int):
+    """Bilinear resizing of ``end - start`` cells (from ``start``) to ``out``: input indices (B, out, 2)
+    and integer weights (B, out, 2) in units of ``1 / (2 * out)``.
+
+    Output ``i`` samples input coordinate ``(length * (2i + 1) - out) / (2 * out)``, clamped to the
+    first and last cells.
+    """
+    length = (end - start).clamp_min(1)[:, None]
+    unit = 2 * out
+    position = (length * (2 * torch.arange(out, device=start.device) + 1) - out).clamp_min(0)
+    first = torch.minimum(position // unit, length - 1)
+    fraction = (position - first * unit).clamp(0, unit)
+    second = first + (first < length - 1).long()
+    index = torch.stack([first, second], dim=-1) + start[:, None, None]
+    return index, torch.stack([unit - fraction, fraction], dim=-1)

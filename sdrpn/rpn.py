@@ -11,6 +11,11 @@ The RPN reads the hidden states entering layer K of the frozen MLLM (the "backbo
 Checkpoints follow the transformers convention: ``save_pretrained(dir)`` writes ``config.json`` and
 ``model.safetensors`` (RPN weights only); ``RPN.from_pretrained(dir, model)`` rebuilds it on a
 model and refuses a model of another architecture or another checkpoint.
+
+Thresholds: ``threshold`` is the RoI threshold used by default (the authors' 0.15 for LLaVA-1.5);
+``calibrated_threshold`` is the one ``sdrpn train`` chose on held-out labels, used only when asked
+for (``threshold="calibrated"``). Configs written before the two were kept apart hold the
+calibrated one as ``threshold``; they load with the default threshold and that calibrated one.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from torch import nn
 
 from . import ops
 from .models import ModelAdapter, adapter_for
+from .prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
 from .models.base import decoder_attention_mask, default_position_ids, run_decoder_layers
 
-__all__ = ["RPN", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["RPN", "CONFIG_NAME", "WEIGHTS_NAME", "DEFAULT_THRESHOLD", "CALIBRATED"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -38,6 +44,10 @@ FORMAT_VERSION = 1
 # Tolerance of the weight signature: the base model loaded in another dtype (bf16 rounding) passes,
 # another checkpoint does not.
 SIGNATURE_RTOL = 1e-2
+# The authors' RoI threshold outside the benchmarks they tuned (lmms-eval's roi_conf_thresh=0.15).
+DEFAULT_THRESHOLD = 0.15
+# The threshold value that selects the RPN's calibrated threshold.
+CALIBRATED = "calibrated"
 
 
 def _fingerprint(facts: dict) -> str:
@@ -83,12 +93,15 @@ class RPN(nn.Module):
     Attributes:
         start_layer: K, the model layer whose input the RPN reads.
         num_blocks: T, decoder layers spanned (T - 1 full blocks + the q/k head of layer K+T-1).
-        threshold: default RoI threshold of this RPN.
+        threshold: default RoI threshold of this RPN (:data:`DEFAULT_THRESHOLD` unless set).
+        calibrated_threshold: the threshold calibrated on held-out labels by ``sdrpn train``, or None.
         config: the JSON-serialisable configuration written to ``config.json``.
     """
 
-    def __init__(self, adapter: ModelAdapter, start_layer: int, num_blocks: int, threshold: float = 0.15,
-                 thresholds: dict | None = None, labels: dict | None = None):
+    def __init__(self, adapter: ModelAdapter, start_layer: int, num_blocks: int,
+                 threshold: float = DEFAULT_THRESHOLD, thresholds: dict | None = None, labels: dict | None = None,
+                 prompt=None, image_start: int | None = None, geometry: str | None = None,
+                 calibrated_threshold: float | None = None):
         super().__init__()
         adapter = adapter_for(adapter)
         if num_blocks < 1:
@@ -98,11 +111,15 @@ class RPN(nn.Module):
                 f"layers K={start_layer} .. K+T-1={start_layer + num_blocks - 1} must lie in the model's "
                 f"{adapter.num_layers} layers"
             )
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        for name, value in (("threshold", threshold), ("calibrated_threshold", calibrated_threshold)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if geometry not in (None, "pad", "crop"):
+            raise ValueError(f"geometry must be 'pad', 'crop' or None, got {geometry!r}")
         self.start_layer = start_layer
         self.num_blocks = num_blocks
         self.threshold = float(threshold)
+        self.calibrated_threshold = None if calibrated_threshold is None else float(calibrated_threshold)
         self.num_heads = adapter.num_heads
         self.num_kv_heads = adapter.num_kv_heads
         self.head_dim = adapter.head_dim
@@ -130,8 +147,14 @@ class RPN(nn.Module):
             "use_final_norm": True,
             "use_rope": self.use_rope,
             "threshold": self.threshold,
+            "calibrated_threshold": self.calibrated_threshold,
             "thresholds": dict(thresholds or {}),
             "labels": dict(labels or {}),
+            # What the RPN was trained with: the prompt (and where its image tokens start) and the
+            # base view's geometry. None: not recorded (checkpoints from before these were kept).
+            "prompt": template_named(prompt).to_dict() if prompt is not None else None,
+            "image_start": image_start,
+            "geometry": geometry,
         }
 
     # -- construction ------------------------------------------------------------------------------
@@ -140,10 +163,23 @@ class RPN(nn.Module):
     def from_model(cls, model, start_layer: int, num_blocks: int, **options) -> RPN:
         """An RPN initialised from layers K..K+T-1 of ``model`` (a HF model or an adapter).
 
-        Options: ``threshold``, ``thresholds`` (per-benchmark presets), ``labels`` (the label settings
-        it was trained with, stored in ``config.json``).
+        Options: ``threshold`` (default RoI threshold), ``calibrated_threshold``, ``thresholds``
+        (per-benchmark presets), ``labels`` (the label settings
+        it was trained with), ``prompt`` (template name, dict or :class:`~sdrpn.prompts.PromptTemplate`),
+        ``image_start`` (the first image token's index under that template), ``geometry`` ("pad" or
+        "crop", the base view); all stored in ``config.json``.
         """
         return cls(adapter_for(model), start_layer, num_blocks, **options)
+
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        """The template the RPN was trained with (the processor's chat template when not recorded)."""
+        return template_named(self.config["prompt"] or PROCESSOR_TEMPLATE)
+
+    @property
+    def geometry(self) -> str | None:
+        """"pad" or "crop": the base view the RPN was trained on (None: not recorded)."""
+        return self.config["geometry"]
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -224,7 +260,8 @@ class RPN(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        config = {**self.config, "threshold": self.threshold, "dtype": str(next(self.parameters()).dtype)}
+        config = {**self.config, "threshold": self.threshold, "calibrated_threshold": self.calibrated_threshold,
+                  "dtype": str(next(self.parameters()).dtype)}
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
         return directory
@@ -255,8 +292,9 @@ class RPN(nn.Module):
             raise ValueError(f"{config_path} is not an SD-RPN checkpoint (format {config.get('format')!r})")
         adapter = adapter_for(model)
         cls._check_base_model(config, adapter, directory)
-        rpn = cls(adapter, config["start_layer"], config["num_blocks"], threshold=config.get("threshold", 0.15),
-                  thresholds=config.get("thresholds"), labels=config.get("labels"))
+        rpn = cls(adapter, config["start_layer"], config["num_blocks"], **_thresholds(config),
+                  thresholds=config.get("thresholds"), labels=config.get("labels"), prompt=config.get("prompt"),
+                  image_start=config.get("image_start"), geometry=config.get("geometry"))
         state = load_file(weights_path)
         expected = rpn.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -295,5 +333,28 @@ class RPN(nn.Module):
                 raise ValueError(f"the RPN in {directory} was trained on another checkpoint of this architecture "
                                  f"(the frozen weights it builds on differ)")
 
+    def resolve_threshold(self, threshold: float | str | None) -> float:
+        """The RoI threshold to use: a number as is, None for :attr:`threshold`, ``"calibrated"`` for
+        :attr:`calibrated_threshold` (ValueError when the RPN records none)."""
+        if threshold is None:
+            return self.threshold
+        if threshold == CALIBRATED:
+            if self.calibrated_threshold is None:
+                raise ValueError("this RPN records no calibrated threshold (sdrpn train calibrates one on "
+                                 "held-out labels); give a number instead")
+            return self.calibrated_threshold
+        if isinstance(threshold, str):
+            raise ValueError(f"threshold must be a number or {CALIBRATED!r}, got {threshold!r}")
+        return float(threshold)
+
     def extra_repr(self) -> str:
         return f"K={self.start_layer}, T={self.num_blocks}, threshold={self.threshold}"
+
+
+def _thresholds(config: dict) -> dict:
+    """The two thresholds of a config; one written before they were kept apart holds only the
+    calibrated one, as ``threshold``."""
+    if "calibrated_threshold" in config:
+        return {"threshold": config.get("threshold", DEFAULT_THRESHOLD),
+                "calibrated_threshold": config["calibrated_threshold"]}
+    return {"threshold": DEFAULT_THRESHOLD, "calibrated_threshold": config.get("threshold")}

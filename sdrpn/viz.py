@@ -93,7 +93,7 @@ def roi_figure(engine, image: Image.Image, question: str, with_rpn, without, thr
 
     from .roi import MODE_MASK
 
-    inputs = engine.processor(images=[image], text=[engine._prompt(prompt or question)], return_tensors="pt")
+    inputs = engine.processor(images=[image], text=[engine.prompt(prompt or question)], return_tensors="pt")
     inputs = {name: value.to(engine.adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
     roi = engine.predict_roi(**inputs, images=[image], threshold=threshold)
     rows, cols = engine.adapter.image_grid

@@ -27,11 +27,11 @@ def assert_labels_match_skimage(backend, mask: torch.Tensor, connectivity: int) 
     assert torch.equal(labels, expected), f"{(labels != expected).sum()} pixels differ"
 
 
-def grown_interval(centre: int, size: int, extent: int) -> tuple[int, int]:
-    if size >= extent:
-        return 0, extent
-    start = min(max(centre - size // 2, 0), extent - size)
-    return start, start + size
+def grown_interval(lo: int, hi: int, min_width: int, extent: int) -> tuple[int, int]:
+    """The authors' growth of one axis, in their float arithmetic (int() truncates toward zero)."""
+    centre = (lo + hi) / 2
+    width = max(min_width, hi - lo + 1)
+    return max(0, int(centre - width / 2)), min(extent - 1, int(centre + width / 2))
 
 
 def regionprops_boxes(labels: np.ndarray, max_components, drop_area, min_area, grow_to, max_area):
@@ -44,8 +44,8 @@ def regionprops_boxes(labels: np.ndarray, max_components, drop_area, min_area, g
             continue
         y0, x0, y1, x1 = (int(v) for v in region.bbox)
         if area < min_area:
-            x0, x1 = grown_interval((x0 + x1 - 1) // 2, grow_to, width)
-            y0, y1 = grown_interval((y0 + y1 - 1) // 2, grow_to, height)
+            x0, x1 = grown_interval(x0, x1, grow_to, width)
+            y0, y1 = grown_interval(y0, y1, grow_to, height)
         kept.append(([x0, y0, x1, y1], area))
     boxes = np.zeros((max_components, 4), np.int32)
     areas = np.zeros(max_components, np.int32)

@@ -103,14 +103,16 @@ def test_capture_rejects_layers_the_model_does_not_have():
 def test_reader_answers_like_generate_and_shares_the_prompt_pass():
     """AttentionReader: greedy answers equal model.generate's, and the rows read with the prompt
     part taken from the prefill equal eager attention's."""
-    from sdrpn.distill.attention import AttentionReader, build_prompt
+    from sdrpn.distill.attention import AttentionReader
+    from sdrpn.prompts import TEMPLATES
 
     model, eager, processor = _pair(2)
     reader = AttentionReader(model, processor, max_new_tokens=5)
+    assert reader.template == TEMPLATES["vicuna_v1"]  # LLaVA's default template
     images = _images(3)
     reading = reader.read(images, QUESTIONS, REQUEST)
-    encoded = processor(images=images, text=[build_prompt(processor, q) for q in QUESTIONS], return_tensors="pt",
-                        padding=True, padding_side="left")
+    prompts = [TEMPLATES["vicuna_v1"].render(question, processor) for question in QUESTIONS]
+    encoded = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         generated = model.generate(**encoded, max_new_tokens=5, do_sample=False)[:, encoded["input_ids"].shape[1]:]
     assert reading.answers == reader._cut(generated)

@@ -53,7 +53,7 @@ def test_help_lists_every_installed_subcommand(capsys):
 def test_subcommand_help_has_examples_and_matches_the_listing(capsys, name):
     import importlib
 
-    module = importlib.import_module(f"sdrpn.commands.{name}")
+    module = importlib.import_module(cli.command_module(name))
     assert module.HELP == SUBCOMMANDS[name]  # the listing shows the module's own line
     status, out, _ = run_cli(capsys, name, "--help")
     assert status == 0

@@ -16,6 +16,7 @@ from sdrpn.distill.shards import read_index, shard_paths
 from sdrpn.distributed import Context, shard
 from test_label_job import (
     GROUNDING_HEADS,
+    PROMPT,
     assert_same_labels,
     comparable,
     save_labelling_model,
@@ -46,7 +47,8 @@ def test_label_with_two_processes_equals_one(checkpoint, tmp_path):
     images = tmp_path / "images"
     data = write_plain_jsonl(tmp_path / "q.jsonl", write_images(images, 7))
     common = ["label", "--model", checkpoint, "--device", "cpu", "--data", data, "--image-root", images, "--heads", GROUNDING_HEADS,
-              "--sink", "none", "--max-new-tokens", 6, "--batch-size", 2, "--shard-size", 2, "--no-progress"]
+              "--sink", "none", "--max-new-tokens", 6, "--batch-size", 2, "--shard-size", 2, "--prompt", PROMPT,
+              "--no-progress"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(torchrun(2, *common, "--out", tmp_path / "two"), env=environment,
                          capture_output=True, text=True, timeout=300)

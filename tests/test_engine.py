@@ -76,6 +76,21 @@ def test_baseline_equals_model_generate(tiny, batch, rows):
     assert torch.equal(got, expected)
 
 
+def test_baseline_continues_right_padded_rows_from_their_last_token(tiny):
+    """A right-padded batch answers as the same prompts padded on the left (model.generate would
+    continue those rows from a pad token)."""
+    _, processor, engine = tiny
+    images, prompts = _images(), [tiny_prompt(q) for q in QUESTIONS]
+    steps = {}
+    for side in ("left", "right"):
+        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side=side)
+        assert side == "left" or not bool(inputs["attention_mask"][:, -1].all())
+        output = engine.generate(**inputs, images=images, max_new_tokens=NEW_TOKENS, method="baseline",
+                                 output_logits=True)
+        steps[side] = output.logits
+    _assert_logits_close(steps["right"], steps["left"])
+
+
 def test_baseline_sampling_equals_model_generate(tiny, batch):
     model, _, engine = tiny
     inputs, images = batch
@@ -203,12 +218,11 @@ def test_predict_roi(tiny, batch):
     assert prediction.prob.shape == (3, *TINY_GRID) and prediction.mask.dtype == torch.bool
     assert prediction.counts.tolist() == [1, 2, 0]
     assert prediction.boxes[0, 0].tolist() == [2, 2, 6, 5]
-    # The crop of sample 0 covers the source pixels of its grid box.
+    # The crop of sample 0 is its grid box in source pixels, truncated to whole pixels as the
+    # authors' get_bbox4src does (LLaVA/llava/ana_utils.py ~736-740).
     transform = engine.adapter.geometry.transform(images[0].size)
     x0, y0, x1, y1 = transform.grid_to_source((2, 2, 6, 5), TINY_GRID)
-    crop = prediction.crops[0].tolist()
-    assert crop[0] <= x0 and crop[1] <= y0 and crop[2] >= x1 and crop[3] >= y1
-    assert crop[2] - crop[0] == crop[3] - crop[1] <= max(x1 - x0, y1 - y0) + 2
+    assert prediction.crops[0].tolist() == [int(x0), int(y0), int(x1), int(y1)]
 
 
 def test_answer_returns_strings(tiny):

@@ -16,6 +16,7 @@ from sdrpn.errors import UserError
 from sdrpn.eval import runner
 from sdrpn.eval.datasets import load_benchmark
 from sdrpn.eval.runner import Prediction, RunSettings, read_predictions
+from sdrpn.prompts import TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,10 +244,11 @@ class FirstTokenEngine:
         self.favourite_tokens = favourite_tokens
         self.adapter = type("Adapter", (), {"device": torch.device("cpu")})()
         self.options = type("Options", (), {"threshold": 0.15, "strategy": "mask"})()
+        self.prompt_template = TEMPLATES["plain"]
         self.calls = []
 
-    def _prompt(self, question):
-        return f"USER: <image>\n{question} ASSISTANT:"
+    def prompt(self, question):
+        return self.prompt_template.render(question, self.processor)
 
     def generate(self, input_ids, images, **kwargs):
         import torch

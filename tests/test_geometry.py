@@ -134,9 +134,9 @@ def test_rgb_conversion_is_what_the_processor_sees(processor, mode):
     )
 
 
-def _canvas_crop(image: np.ndarray, square, color):
-    x0, y0, side = square
-    canvas = Image.new("RGB", (side, side), color)
+def _canvas_crop(image: np.ndarray, crop, color):
+    x0, y0, width, height = crop
+    canvas = Image.new("RGB", (width, height), color)
     canvas.paste(Image.fromarray(image), (-x0, -y0))
     return canvas
 
@@ -147,7 +147,10 @@ def test_resample_views_equals_pil(resample, static):
     """Both implementations: per-sample windows (the CPU path) and static shapes (the GPU path)."""
     rng = np.random.default_rng(2)
     images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for w, h in [(517, 300), (64, 200), (30, 20), (9, 9)]]
-    squares = torch.tensor([[13, 40, 200], [-20, 30, 100], [-5, -8, 40], [0, 0, 9]])
+    # Squares and rectangles (stretched, as box upscaling does), inside the image and beyond it.
+    crops = torch.tensor([[13, 40, 200, 200], [-20, 30, 100, 100], [-5, -8, 40, 40], [0, 0, 9, 9],
+                          [100, 7, 417, 31], [3, 0, 1, 200], [2, 3, 25, 1], [-3, 150, 70, 90]])
+    images = images + images
     height = max(image.shape[0] for image in images)
     width = max(image.shape[1] for image in images)
     sources = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
@@ -156,10 +159,10 @@ def test_resample_views_equals_pil(resample, static):
     sizes = torch.tensor([[image.shape[1], image.shape[0]] for image in images])
     color = (122, 116, 104)
     resample_fn = geometry_module._resample_static if static else resample_views
-    views = resample_fn(sources, sizes, squares, (96, 80), resample, color, max_side=517)
-    assert views.shape == (4, 3, 96, 80) and views.dtype == torch.uint8
+    views = resample_fn(sources, sizes, crops, (96, 80), resample, color, max_side=517)
+    assert views.shape == (8, 3, 96, 80) and views.dtype == torch.uint8
     for index, image in enumerate(images):
-        expected = np.asarray(_canvas_crop(image, squares[index].tolist(), color).resize((80, 96), resample))
+        expected = np.asarray(_canvas_crop(image, crops[index].tolist(), color).resize((80, 96), resample))
         np.testing.assert_array_equal(views[index].permute(1, 2, 0).numpy(), expected)
 
 
@@ -168,7 +171,7 @@ def test_roi_view_pixel_values_equal_the_processor_on_the_crop(processor):
     geometry = ImageGeometry.from_processor(processor, (1, 1))
     rng = np.random.default_rng(3)
     image = (rng.random((150, 230, 3)) * 255).astype(np.uint8)
-    square = [50, -10, 120]
+    square = [50, -10, 120, 120]
     sources = torch.from_numpy(image).permute(2, 0, 1)[None]
     views = resample_views(sources, torch.tensor([[230, 150]]), torch.tensor([square]), geometry.input_size,
                            geometry.resample, geometry.pad_color, max_side=230)
@@ -184,8 +187,8 @@ def test_square_crop_boxes():
         [0.0, 10.0, 100.0, 20.0],    # wider than the image is tall (100 x 50): centred on the height
     ])
     squares = square_crop_boxes(boxes, torch.tensor([100, 50]))
-    assert squares.tolist() == [[10, 13, 20], [0, 0, 40], [90, 6, 10], [0, -25, 100]]
-    for box, (x0, y0, side) in zip(boxes.tolist(), squares.tolist()):
+    assert squares.tolist() == [[10, 13, 20, 20], [0, 0, 40, 40], [90, 6, 10, 10], [0, -25, 100, 100]]
+    for box, (x0, y0, side, _) in zip(boxes.tolist(), squares.tolist()):
         if side <= 50:  # fits: the rounded box lies inside the square, and the square inside the image
             assert x0 <= np.floor(box[0]) and np.ceil(box[2]) <= x0 + side
             assert y0 <= np.floor(box[1]) and np.ceil(box[3]) <= y0 + side

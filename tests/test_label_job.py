@@ -34,6 +34,9 @@ from sdrpn.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 GROUNDING_HEADS = "1:2"
+# The sharpened head below is sharp for the tiny model's own chat template (the labelling tests'
+# prompts); LLaVA's default, vicuna_v1, adds a system sentence of unknown words it was not made for.
+PROMPT = "processor"
 QUESTIONS = ["what color is the sign ?", "where is the car ?", "what is written on the board ?",
              "how many dogs are there ?", "which letter is on the left ?"]
 
@@ -87,7 +90,7 @@ def write_plain_jsonl(path: Path, images: list[str]) -> Path:
 
 def label_options(**overrides) -> LabelOptions:
     options = dict(heads=HeadSelection.parse(GROUNDING_HEADS), sink=SinkSpec.create("none"), max_new_tokens=6,
-                   batch_size=3, shard_size=4)
+                   batch_size=3, shard_size=4, prompt=PROMPT)
     options.update(overrides)
     return LabelOptions(**options)
 
@@ -310,7 +313,7 @@ def test_sdrpn_label_resumes_after_sigkill(checkpoint, tmp_path):
     data = write_plain_jsonl(tmp_path / "q.jsonl", write_images(images, 24))
     common = ["--model", checkpoint, "--device", "cpu", "--data", data, "--image-root", images,
               "--heads", GROUNDING_HEADS, "--sink", "none", "--max-new-tokens", 6, "--batch-size", 1,
-              "--shard-size", 1, "--no-progress"]
+              "--shard-size", 1, "--prompt", PROMPT, "--no-progress"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     killed = tmp_path / "killed"
@@ -405,15 +408,16 @@ def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, chec
     out = tmp_path / "heads.json"
     status = main(["heads", "--model", str(checkpoint), "--device", "cpu", "--data", str(data), "--image-root", str(images),
                    "--layers", "1-3", "--top", "1", "--sink", "none", "--max-new-tokens", "4",
-                   "--out", str(out), "--no-progress"])
+                   "--prompt", PROMPT, "--out", str(out), "--no-progress"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert HeadSelection.parse(str(out)).pairs == ((1, 2),)  # the head made sharp
+    assert json.loads(out.read_text())["prompt"]["name"] == PROMPT  # the template the heads were scored with
     assert "rank  layer  head" in captured.out and "selected 1:2" in captured.out
     assert "image not found" in captured.err  # the bad records are reported, not fatal
     status = main(["label", "--model", str(checkpoint), "--device", "cpu", "--data", str(data), "--image-root", str(images),
                    "--heads", str(out), "--sink", "none", "--max-new-tokens", "4", "--max-samples", "2",
-                   "--out", str(tmp_path / "labels"), "--no-progress"])
+                   "--prompt", PROMPT, "--out", str(tmp_path / "labels"), "--no-progress"])
     assert status == 0 and len(read_index(tmp_path / "labels")) == 2
 
 

@@ -112,9 +112,11 @@ def boxes_of(backend, labels, **settings):
 def test_boxes_drop_noise(backend):
     labels = labels_from_pixels(10, 10, [[(1, 1)], [(5, 5), (5, 6), (6, 5), (6, 6)], [(8, 8)]])
     assert boxes_of(backend, labels) == ([[5, 5, 7, 7]], [4], 0)
-    # drop_area = 0 keeps single pixels (grown to 3x3); drop_area = 4 also drops the 2x2 square.
+    # drop_area = 0 keeps single pixels, grown to 3x3 ([0, 3) from centre 1.5) except at the far
+    # border, where the end is clamped at 9 = W - 1 ([7, 9) from centre 8.5);
+    # drop_area = 4 also drops the 2x2 square.
     assert boxes_of(backend, labels, drop_area=0) == (
-        [[0, 0, 3, 3], [5, 5, 7, 7], [7, 7, 10, 10]],
+        [[0, 0, 3, 3], [5, 5, 7, 7], [7, 7, 9, 9]],
         [1, 4, 1],
         0,
     )
@@ -129,32 +131,50 @@ def test_boxes_drop_huge(backend):
 
 
 def test_boxes_grow_small_around_centre(backend):
-    # Two pixels in a row: box x [5, 7), y [5, 6); centre cell (x 5, y 5); grown to [4, 7) both ways.
+    # Two pixels in a row: box x [5, 7), y [5, 6). Width max(3, 2 + 1) = 3 around x centre 6:
+    # [trunc(4.5), trunc(7.5)) = [4, 7); height 3 around y centre 5.5: [4, 7).
     labels = labels_from_pixels(12, 12, [[(5, 5), (5, 6)]])
     assert boxes_of(backend, labels) == ([[4, 4, 7, 7]], [2], 0)
-    # Even sizes start at centre - size // 2.
-    assert boxes_of(backend, labels, grow_to=4) == ([[3, 3, 7, 7]], [2], 0)
+    # Width 4 around x centre 6: [4, 8); around y centre 5.5: [trunc(3.5), trunc(7.5)) = [3, 7).
+    assert boxes_of(backend, labels, grow_to=4) == ([[4, 3, 8, 7]], [2], 0)
     # A component of exactly min_area keeps its tight box.
     assert boxes_of(backend, labels, min_area=2) == ([[5, 5, 7, 6]], [2], 0)
 
 
-def test_boxes_grow_small_shifted_inside_grid(backend):
+def test_boxes_grow_wider_than_grow_to(backend):
+    # A 3-pixel column: box x [4, 5), y [2, 5). Height max(3, 3 + 1) = 4 around y centre 3.5:
+    # [trunc(1.5), trunc(5.5)) = [1, 5); width 3 around x centre 4.5: [3, 6).
+    labels = labels_from_pixels(12, 12, [[(2, 4), (3, 4), (4, 4)]])
+    assert boxes_of(backend, labels) == ([[3, 1, 6, 5]], [3], 0)
+
+
+def test_boxes_grow_small_clamped_at_borders(backend):
     top_left = [(0, 0), (0, 1)]
     bottom_right = [(9, 8), (9, 9)]
     top_right = [(0, 9), (1, 9), (2, 9)]
     labels = labels_from_pixels(10, 10, [top_left, top_right, bottom_right])
-    expected = [[0, 0, 3, 3], [7, 0, 10, 3], [7, 7, 10, 10]]
+    expected = [
+        # x: centre 1, width 3 -> [trunc(-0.5), trunc(2.5)) = [0, 2); y: centre 0.5 -> [0, 2).
+        [0, 0, 2, 2],
+        # x: centre 9.5, width 3 -> [8, min(9, 11)) = [8, 9), missing column 9;
+        # y: centre 1.5, height 4 -> [trunc(-0.5), trunc(3.5)) = [0, 3).
+        [8, 0, 9, 3],
+        # x: centre 9, width 3 -> [trunc(7.5), min(9, 10)) = [7, 9); y: centre 9.5 -> [8, 9).
+        [7, 8, 9, 9],
+    ]
     assert boxes_of(backend, labels) == (expected, [2, 3, 2], 0)
 
 
-def test_boxes_grow_on_grid_smaller_than_grow_to(backend):
+def test_boxes_grow_on_tiny_grids(backend):
     labels = labels_from_pixels(2, 5, [[(0, 0), (0, 1)], [(1, 4)]])
-    # Height 2 < 3: the whole height; width 5 >= 3: shifted inside.
-    assert boxes_of(backend, labels, drop_area=0) == ([[0, 0, 3, 2], [2, 0, 5, 2]], [2, 1], 0)
-    # grow_to 7 exceeds both dimensions: the whole grid.
-    assert boxes_of(backend, labels, drop_area=0, grow_to=7) == ([[0, 0, 5, 2], [0, 0, 5, 2]], [2, 1], 0)
+    # Component 1: x centre 1 -> [0, 2); y centre 0.5, end clamped at H - 1 = 1 -> [0, 1).
+    # Component 2: x centre 4.5 -> [3, 4); y centre 1.5 -> [0, 1): the box misses its pixel.
+    assert boxes_of(backend, labels, drop_area=0) == ([[0, 0, 2, 1], [3, 0, 4, 1]], [2, 1], 0)
+    # grow_to 7: x [trunc(-2.5), min(4, 4)) = [0, 4) and [trunc(1), min(4, 8)) = [1, 4).
+    assert boxes_of(backend, labels, drop_area=0, grow_to=7) == ([[0, 0, 4, 1], [1, 0, 4, 1]], [2, 1], 0)
+    # On a 1x1 grid both ends clamp to 0: an empty box.
     one_pixel = labels_from_pixels(1, 1, [[(0, 0)]])
-    assert boxes_of(backend, one_pixel, drop_area=0) == ([[0, 0, 1, 1]], [1], 0)
+    assert boxes_of(backend, one_pixel, drop_area=0) == ([[0, 0, 0, 0]], [1], 0)
 
 
 def test_boxes_overflow_counts_kept_components_only(backend):

@@ -20,7 +20,7 @@ from sdrpn.roi import (
     SourceImages,
     forced_logits,
     propose,
-    region_squares,
+    region_crops,
     roi_token_keep,
 )
 
@@ -63,8 +63,7 @@ def test_proposal_matches_scikit_image(strategy, seed, max_regions):
         slots = proposal.valid[sample].sum()
         assert proposal.boxes[sample, :slots].tolist() == [list(box) for box in expected.boxes][:slots]
         if expected.mode != "none":
-            rows, cols = np.nonzero(expected.cells)
-            assert proposal.region[sample].tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+            assert tuple(proposal.region[sample].tolist()) == expected.region
 
 
 def test_modes_follow_the_strategy():
@@ -92,10 +91,11 @@ def test_component_filters():
     logits[0, 0, 0] = 8.0             # 1 cell (no blur here, cells are exact)
     proposal = propose(logits, GRID, RoIOptions(blur=False))
     assert proposal.counts.tolist() == [0]  # a single cell is noise
-    logits[0, 5, 5:7] = 8.0           # 2 cells: kept, grown to a 3 x 3 box around its centre
+    logits[0, 5, 5:7] = 8.0           # 2 cells: kept, widened the authors' way (3 wide, 3 tall)
     logits[0, 10:26, 10:26] = 8.0     # 14 x 14 = 196 cells: kept; 16 x 16 would be too large
     proposal = propose(logits, GRID, RoIOptions(blur=False))
     assert proposal.counts.tolist() == [2]
+    # columns [5, 7): middle 6, span 3 -> [int(4.5), int(7.5)) = [4, 7); row [5, 6): middle 5.5 -> [4, 7)
     assert proposal.boxes[0, :2].tolist() == [[4, 4, 7, 7], [10, 10, 24, 24]]
     logits[0, 9, 9:24] = 8.0          # 196 + 29 = 225 cells: still kept ...
     logits[0, 9:24, 9] = 8.0
@@ -124,7 +124,7 @@ def test_proposal_on_cuda_equals_the_cpu(max_regions):
 def test_max_regions_keeps_the_strongest_peaks():
     logits = torch.full((1, *GRID), -8.0)
     logits[0, 2:5, 2:5] = 1.0       # label 1, peak sigmoid(1)
-    logits[0, 2, 10:12] = 3.0       # label 2, small (grown to 3 x 3), the strongest
+    logits[0, 2, 10:12] = 3.0       # label 2, small (widened to [9, 12) x [1, 4)), the strongest
     logits[0, 12:16, 3:7] = 2.0     # label 3
     logits[0, 20:22, 20:23] = 2.0   # label 4, ties with label 3
     def kept(count, **changes):
@@ -153,14 +153,14 @@ def test_crops_and_token_selection_match_the_reference(geometry_mode, size):
     proposal = propose(logits, GRID, options)
     images = [Image.new("RGB", size)] * 6
     sources = SourceImages.from_pil(images, adapter.geometry, "cpu")
-    squares = region_squares(proposal, sources, adapter.geometry, GRID)
-    keep = roi_token_keep(proposal, squares, sources, adapter.geometry, GRID)
+    crops = region_crops(proposal, sources, adapter.geometry, GRID)
+    keep = roi_token_keep(proposal, GRID)
     for sample in range(6):
         expected = reference_roi(logits[sample].numpy(), images[sample], adapter, options)
         if expected.mode == "none":
             assert not keep[sample].any()
             continue
-        assert tuple(squares[sample].tolist()) == expected.square
+        assert tuple(crops[sample].tolist()) == expected.crop
         assert np.array_equal(keep[sample].numpy(), expected.keep)
         if expected.mode == "box":
             assert keep[sample].all()
@@ -172,10 +172,33 @@ def test_masked_tokens_lie_under_the_mask():
     logits = forced_logits([[(0, 0, 4, 4), (20, 20, 24, 24)]], GRID)
     proposal = propose(logits, GRID, RoIOptions())
     sources = SourceImages.from_pil([Image.new("RGB", (336, 336))], adapter.geometry, "cpu")
-    squares = region_squares(proposal, sources, adapter.geometry, GRID)
-    assert squares[0].tolist() == [0, 0, 336]  # the enclosing region is the whole view
-    keep = roi_token_keep(proposal, squares, sources, adapter.geometry, GRID).view(GRID)
-    assert torch.equal(keep, proposal.cells[0])  # same geometry, so exactly the RoI cells
+    crops = region_crops(proposal, sources, adapter.geometry, GRID)
+    assert crops[0].tolist() == [0, 0, 336, 336]  # the enclosing region is the whole view
+    keep = roi_token_keep(proposal, GRID).view(GRID)
+    assert torch.equal(keep, proposal.cells[0])  # the region is the whole grid: exactly the mask
+
+
+def test_masked_region_is_the_box_of_the_whole_mask():
+    """The authors cut the masked view from the box around every thresholded cell, including a
+    component the area filter dropped (``LLaVA/llava/mm_utils.py`` ~945-956), and keep its tokens."""
+    logits = torch.full((1, *GRID), -8.0)
+    logits[0, 2:5, 2:5] = 8.0      # kept
+    logits[0, 10:13, 10:13] = 8.0  # kept
+    logits[0, 20, 22] = 8.0        # one cell: dropped as noise, still inside the masked region
+    proposal = propose(logits, GRID, RoIOptions(blur=False))
+    assert proposal.counts.tolist() == [2] and proposal.mode.tolist() == [MODE_MASK]
+    assert proposal.region[0].tolist() == [2, 2, 23, 21]
+    assert torch.equal(proposal.cells[0], proposal.mask[0])
+
+
+def test_box_region_is_the_grown_box_even_off_its_component():
+    """At the right border the authors' widening stops at column W - 2, away from a component in
+    the last column; the crop follows the box, as theirs does."""
+    logits = torch.full((1, *GRID), -8.0)
+    logits[0, 5:7, 23] = 8.0  # two cells in the last column
+    proposal = propose(logits, GRID, RoIOptions(blur=False))
+    assert proposal.mode.tolist() == [MODE_BOX]
+    assert proposal.region[0].tolist() == [22, 4, 23, 7]  # columns [int(22.0), min(23, int(25.0)))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])

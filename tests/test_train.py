@@ -187,9 +187,11 @@ def test_training_lowers_the_loss_and_beats_the_untrained_rpn(labelled, tmp_path
         torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.float())
     assert loaded.config["labels"]["heads"] == [[1, 2]]
     assert loaded.config["labels"]["target"] == "labels" and loaded.config["labels"]["keep_sinks"] is False
-    # Its RoI threshold is the calibrated one: the best mean held-out IoU of the final evaluation.
+    # Its default RoI threshold is the authors' 0.15; the calibrated one, beside it, is the best mean
+    # held-out IoU of the final evaluation.
     ious = after["roi_iou_by_threshold"]
-    assert loaded.threshold == calibrated_threshold(ious) and loaded.threshold in CALIBRATION_THRESHOLDS
+    assert loaded.threshold == 0.15 and loaded.config["threshold"] == 0.15
+    assert loaded.calibrated_threshold == calibrated_threshold(ious) and loaded.calibrated_threshold in CALIBRATION_THRESHOLDS
     assert len(ious) == len(CALIBRATION_THRESHOLDS) and all(0.0 <= iou <= 1.0 for iou in ious)
     assert after["held_out_samples"] == 8  # what the summed IoUs were divided by
 
@@ -208,7 +210,8 @@ def test_attention_target_trains_is_recorded_and_does_not_resume_as_labels(label
     loaded = RPN.from_pretrained(tmp_path / "rpn", sharpened_tiny_llava()[0])
     config = loaded.config
     assert config["labels"]["target"] == "attention" and config["labels"]["keep_sinks"] is True
-    assert loaded.threshold == 0.25  # asked for: no calibration
+    assert loaded.threshold == 0.25  # asked for; the calibrated one is still recorded beside it
+    assert loaded.calibrated_threshold in CALIBRATION_THRESHOLDS
     with pytest.raises(UserError, match="other settings"):
         train_rpn(*sharpened_tiny_llava(), label_set, tmp_path / "rpn", TrainOptions(**options, target="labels"),
                   progress=False)
@@ -269,7 +272,8 @@ def test_feature_cache_returns_what_the_backbone_computes(labelled, tmp_path):
     model, processor = sharpened_tiny_llava()
     adapter = adapter_for(model, processor)
     samples = label_set.samples[:3]
-    fresh = Backbone(model, processor, adapter, 2, label_set.image_root)(samples, torch.device("cpu"))
+    fresh_backbone = Backbone(model, processor, adapter, 2, label_set.image_root)
+    fresh = fresh_backbone(samples, torch.device("cpu"))
     cached = Backbone(model, processor, adapter, 2, label_set.image_root, tmp_path)
     first = cached(samples[:2], torch.device("cpu"))      # computes and stores two samples
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
@@ -282,15 +286,16 @@ def test_feature_cache_returns_what_the_backbone_computes(labelled, tmp_path):
     # They are the states entering layer K of the model itself, over the prompt up to the query.
     from PIL import Image
 
-    from sdrpn.distill.attention import build_prompt
-
     image = Image.open(label_set.image_root / samples[0].image).convert("RGB")
-    encoded = processor(images=[image], text=[build_prompt(processor, samples[0].question)], return_tensors="pt")
+    prompt = fresh_backbone.template.render(samples[0].question, processor)
+    encoded = processor(images=[image], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         expected = model(**encoded, output_hidden_states=True).hidden_states[2][0]
     torch.testing.assert_close(fresh.hidden[0][fresh.attention_mask[0]], expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(UserError, match="another model, K or dtype"):
+    with pytest.raises(UserError, match="another model, K, dtype, prompt template or geometry"):
         Backbone(model, processor, adapter, 3, label_set.image_root, tmp_path)
+    with pytest.raises(UserError, match="another model, K, dtype, prompt template or geometry"):
+        Backbone(model, processor, adapter, 2, label_set.image_root, tmp_path, prompt="plain")
 
 
 def test_max_samples_keeps_the_first_usable_samples(labelled, tmp_path):

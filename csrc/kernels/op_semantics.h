@@ -85,20 +85,23 @@ SDRPN_HOST_DEVICE float blur_taps(float before, float centre, float after) {
 
 // --- component_boxes ----------------------------------------------------------------------------
 
-// Half-open interval [lo, hi) of length `size` starting at `centre - size / 2`, shifted (not cut)
-// to lie inside [0, extent); the whole extent when it is shorter than `size`.
-SDRPN_HOST_DEVICE void grow_interval(int64_t centre, int64_t size, int64_t extent, int32_t* lo,
-                                     int32_t* hi) {
-  if (size >= extent) {
-    *lo = 0;
-    *hi = static_cast<int32_t>(extent);
-    return;
-  }
-  int64_t start = centre - size / 2;
-  if (start < 0) start = 0;
-  if (start + size > extent) start = extent - size;
-  *lo = static_cast<int32_t>(start);
-  *hi = static_cast<int32_t>(start + size);
+// One axis of the authors' growth of a small component (YuHengsss/SD-RPN 00876ac,
+// LLaVA/llava/ana_utils.py, get_bbox_from_noisy_map, ~795-803). The tight extent [lo, hi) becomes
+// a window of width max(min_width, hi - lo + 1) centred on (lo + hi) / 2, with both ends truncated
+// toward zero, the start clamped at 0 and the end at extent - 1. The end clamp (extent - 1, not
+// extent) is theirs: at the far border the window is narrower and can miss the component's last
+// cell. Twice each end is an integer, so integer '/' (which truncates like Python's int())
+// reproduces their float arithmetic exactly.
+SDRPN_HOST_DEVICE void grow_interval(int64_t lo, int64_t hi, int64_t min_width, int64_t extent,
+                                     int32_t* grown_lo, int32_t* grown_hi) {
+  int64_t width = hi - lo + 1;
+  if (width < min_width) width = min_width;
+  // Any width >= 2 * extent gives [0, extent - 1); the cap keeps the sums below from overflowing.
+  if (width > 2 * extent) width = 2 * extent;
+  const int64_t start = (lo + hi - width) / 2;
+  const int64_t end = (lo + hi + width) / 2;
+  *grown_lo = static_cast<int32_t>(start < 0 ? 0 : start);
+  *grown_hi = static_cast<int32_t>(end > extent - 1 ? extent - 1 : end);
 }
 
 // Applies the filters to one component with pixel area `area` and tight box [x0, x1) x [y0, y1).
@@ -108,11 +111,8 @@ SDRPN_HOST_DEVICE bool filter_component(int64_t area, int32_t x0, int32_t y0, in
                                         int32_t box[4]) {
   if (area <= filter.drop_area || area > filter.max_area) return false;
   if (area < filter.min_area) {
-    // centre cell of the box: floor((lo + hi - 1) / 2); lo + hi - 1 >= 0 so '/' floors
-    const int64_t cy = (static_cast<int64_t>(y0) + y1 - 1) / 2;
-    const int64_t cx = (static_cast<int64_t>(x0) + x1 - 1) / 2;
-    grow_interval(cx, filter.grow_to, W, &box[0], &box[2]);
-    grow_interval(cy, filter.grow_to, H, &box[1], &box[3]);
+    grow_interval(x0, x1, filter.grow_to, W, &box[0], &box[2]);
+    grow_interval(y0, y1, filter.grow_to, H, &box[1], &box[3]);
   } else {
     box[0] = x0;
     box[1] = y0;

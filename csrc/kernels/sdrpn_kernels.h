@@ -17,10 +17,13 @@ namespace kernels {
 
 enum class DType { F32, F16, BF16 };
 
-// Filters of component_boxes, applied in this order to a component of pixel area `a`:
-// a <= drop_area -> dropped; a > max_area -> dropped; a < min_area -> box grown to
-// grow_to x grow_to around the box centre (shifted inside the grid). Kept components fill the
-// max_components output slots in label order.
+// Filters of component_boxes, applied in this order to a component of pixel area `a` and tight
+// box [x0, x1) x [y0, y1): a <= drop_area -> dropped; a > max_area -> dropped; a < min_area -> box
+// grown by the authors' rule (YuHengsss/SD-RPN 00876ac, LLaVA/llava/ana_utils.py ~795-803), per
+// axis with w = max(grow_to, x1 - x0 + 1): [max(0, trunc((x0 + x1 - w) / 2)),
+// min(W - 1, trunc((x0 + x1 + w) / 2))), rows alike with H. The end is clamped at W - 1, so at the
+// right or bottom border a grown box can be narrow and miss the component's last column or row.
+// Kept components fill the max_components output slots in label order.
 struct BoxFilter {
   int64_t max_components;
   int64_t drop_area;

@@ -65,15 +65,15 @@ inline ExpectedBoxes expected_boxes(const std::vector<int32_t>& labels, int64_t 
   ExpectedBoxes out{std::vector<int32_t>(B * M * 4, 0), std::vector<int32_t>(B * M, 0),
                     std::vector<int32_t>(B, 0), std::vector<int32_t>(B, 0),
                     BoolArray(static_cast<size_t>(B * M))};
-  auto place = [](int64_t centre, int64_t size, int64_t extent, int32_t& lo, int32_t& hi) {
-    if (size >= extent) {
-      lo = 0;
-      hi = static_cast<int32_t>(extent);
-      return;
-    }
-    const int64_t start = std::min(std::max(centre - size / 2, int64_t{0}), extent - size);
-    lo = static_cast<int32_t>(start);
-    hi = static_cast<int32_t>(start + size);
+  // The authors' growth of one axis, in their float arithmetic (exact: every value is a multiple
+  // of 0.5) with std::trunc for Python's int().
+  auto grow = [](int32_t lo, int32_t hi, int64_t min_width, int64_t extent, int32_t& grown_lo,
+                 int32_t& grown_hi) {
+    const double centre = (lo + hi) / 2.0;
+    const double width = static_cast<double>(std::max<int64_t>(min_width, hi - lo + 1));
+    grown_lo = static_cast<int32_t>(std::max(0.0, std::trunc(centre - width / 2)));
+    grown_hi = static_cast<int32_t>(
+        std::min(static_cast<double>(extent - 1), std::trunc(centre + width / 2)));
   };
   for (int64_t b = 0; b < B; ++b) {
     const int32_t* image = labels.data() + b * H * W;
@@ -95,8 +95,8 @@ inline ExpectedBoxes expected_boxes(const std::vector<int32_t>& labels, int64_t 
       if (area == 0 || area <= filter.drop_area || area > filter.max_area) continue;
       int32_t box[4] = {x0, y0, x1, y1};
       if (area < filter.min_area) {
-        place((int64_t{y0} + y1 - 1) / 2, filter.grow_to, H, box[1], box[3]);
-        place((int64_t{x0} + x1 - 1) / 2, filter.grow_to, W, box[0], box[2]);
+        grow(x0, x1, filter.grow_to, W, box[0], box[2]);
+        grow(y0, y1, filter.grow_to, H, box[1], box[3]);
       }
       if (kept < M) {
         const int64_t slot = b * M + kept;

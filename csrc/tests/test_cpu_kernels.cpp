@@ -280,8 +280,8 @@ TEST_CASE(connected_components_random_batches) {
 
 TEST_CASE(component_boxes_hand_computed_filters) {
   // 6x8 grid: component 1 = single pixel (dropped as noise), 2 = two pixels at the right border
-  // (grown to 3x3 and shifted inside), 3 = a 2x3 block (kept tight), 4 = a 9-pixel bar
-  // (dropped as too large with max_area 8).
+  // (grown, and clamped by the border), 3 = a 2x3 block (kept tight), 4 = a 9-pixel bar (dropped
+  // as too large with max_area 8).
   const std::vector<int32_t> labels = {1, 0, 0, 0, 0, 0, 0, 2,  //
                                        0, 0, 0, 0, 0, 0, 0, 2,  //
                                        0, 3, 3, 3, 0, 0, 0, 0,  //
@@ -295,9 +295,10 @@ TEST_CASE(component_boxes_hand_computed_filters) {
   BoolArray valid(4);
   component_boxes_cpu(with_bar.data(), 1, 6, 8, filter, boxes.data(), areas.data(), valid.data(),
                       count.data(), overflow.data());
-  // Component 2: box x [7, 8), y [0, 2); centre cell (x 7, y 0); 3x3 from (6, -1) shifted to
-  // x [5, 8), y [0, 3).
-  const std::vector<int32_t> expected_boxes = {5, 0, 8, 3, 1, 2, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0};
+  // Component 2: box x [7, 8), y [0, 2). Width 3 around x centre 7.5 gives [6, 9), the end
+  // clamped at W - 1 = 7: x [6, 7), missing the component's own column. Height 3 around y centre 1
+  // gives [trunc(-0.5), trunc(2.5)) = [0, 2).
+  const std::vector<int32_t> expected_boxes = {6, 0, 7, 2, 1, 2, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0};
   CHECK_ELEMENTS(boxes, expected_boxes, 16);
   CHECK_ELEMENTS(areas, (std::vector<int32_t>{2, 6, 0, 0}), 4);
   CHECK(valid[0] && valid[1] && !valid[2] && !valid[3]);
@@ -312,12 +313,19 @@ TEST_CASE(component_boxes_hand_computed_filters) {
   CHECK_EQ(count[0], 1);
   CHECK_EQ(overflow[0], 1);
 
-  // grow_to larger than the grid: the box becomes the whole grid in that dimension.
-  const BoxFilter huge_growth{4, 1, 4, 7, 100};
+  // grow_to larger than twice the grid: the box spans the grid but its last row and column, as the
+  // ends clamp at W - 1 and H - 1.
+  const BoxFilter huge_growth{4, 1, 4, 20, 100};
   component_boxes_cpu(labels.data(), 1, 6, 8, huge_growth, boxes.data(), areas.data(), valid.data(),
                       count.data(), overflow.data());
-  CHECK_ELEMENTS(boxes, (std::vector<int32_t>{1, 0, 8, 6}), 4);
+  CHECK_ELEMENTS(boxes, (std::vector<int32_t>{0, 0, 7, 5}), 4);
   CHECK_EQ(count[0], 3);
+
+  // Any larger grow_to, up to the int64 limit, gives the same box.
+  const BoxFilter largest_growth{4, 1, 4, INT64_MAX, 100};
+  component_boxes_cpu(labels.data(), 1, 6, 8, largest_growth, boxes.data(), areas.data(),
+                      valid.data(), count.data(), overflow.data());
+  CHECK_ELEMENTS(boxes, (std::vector<int32_t>{0, 0, 7, 5}), 4);
 }
 
 TEST_CASE(component_boxes_match_brute_force) {

@@ -2,7 +2,7 @@
 
 ``--model`` is a local Hugging Face checkpoint directory and is loaded with
 ``local_files_only=True``: the command never downloads anything. ``--rpn`` is a directory written
-by ``RPN.save_pretrained``.
+by ``RPN.save_pretrained``; the processor is set to the base view geometry the RPN records.
 """
 
 from __future__ import annotations
@@ -67,6 +67,20 @@ def probability(value: str) -> float:
     return _unit_number(value, closed=False)
 
 
+def roi_threshold(value: str) -> float | str:
+    """``--threshold``: a number strictly between 0 and 1, or ``calibrated`` (the RPN's calibrated one)."""
+    from ..rpn import CALIBRATED
+
+    if value.strip().lower() == CALIBRATED:
+        return CALIBRATED
+    try:
+        float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number between 0 and 1 or {CALIBRATED!r}, got {value!r}") from None
+    return probability(value)
+
+
 def ratio(value: str) -> float:
     """A share: a number from 0 to 1, both included."""
     return _unit_number(value, closed=True)
@@ -118,6 +132,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, rpn: str = "optional", 
                             "auto (default) keeps the checkpoint's dtype on a GPU and uses float32 on the CPU")
     group.add_argument("--attn-implementation", default="sdpa", choices=ATTENTION_IMPLEMENTATIONS,
                        help="attention kernel the model runs with (default: sdpa)")
+
+
+def add_threshold_argument(group, default: str) -> None:
+    """``--threshold T|calibrated`` of the commands that run SD-RPN; ``default`` says what applies without it."""
+    group.add_argument("--threshold", type=roi_threshold, metavar="T",
+                       help=f"RoI threshold, or 'calibrated' for the one sdrpn train calibrated on held-out "
+                            f"labels (default: {default})")
+
+
+def add_prompt_argument(group, default: str) -> None:
+    """``--prompt NAME``: a conversation template of :mod:`sdrpn.prompts`; ``default`` says what applies without it."""
+    from ..prompts import TEMPLATES
+
+    group.add_argument("--prompt", choices=sorted(TEMPLATES), metavar="TEMPLATE",
+                       help=f"conversation template: {', '.join(sorted(TEMPLATES))} (default: {default}); "
+                            f"vicuna_v1 is LLaVA-1.5's, processor the checkpoint's own chat template")
 
 
 def add_max_regions_argument(group) -> None:
@@ -196,7 +226,10 @@ def _check_checkpoint(path: Path) -> None:
 
 def load_model(args: argparse.Namespace):
     """Load ``--model`` and its processor on ``--device`` with ``--dtype`` and
-    ``--attn-implementation``, from local files only. Returns ``(model, processor)``."""
+    ``--attn-implementation``, from local files only. Returns ``(model, processor)``.
+
+    With ``--rpn``, the processor makes the base views the RPN was trained on (its recorded
+    geometry, "pad" or "crop"); one line on stderr says when that changed the processor."""
     import transformers
 
     _check_checkpoint(args.model)
@@ -212,7 +245,35 @@ def load_model(args: argparse.Namespace):
         raise UserError(f"--attn-implementation {args.attn_implementation}: {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"--model {args.model}: cannot load the checkpoint ({exc})") from exc
+    _match_rpn_geometry(args, model, processor)
     return model.to(device).eval(), processor
+
+
+def _recorded_geometry(rpn_dir: Path) -> str | None:
+    """The base view geometry an RPN directory records (None: not recorded or unreadable; loading
+    the RPN reports a damaged directory)."""
+    try:
+        return json.loads((rpn_dir / "config.json").read_text()).get("geometry")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _match_rpn_geometry(args: argparse.Namespace, model, processor) -> None:
+    rpn_dir = getattr(args, "rpn", None)
+    geometry = _recorded_geometry(rpn_dir) if rpn_dir is not None else None
+    if geometry is not None:
+        match_processor_geometry(model, processor, geometry, "the RPN was trained on")
+
+
+def match_processor_geometry(model, processor, geometry: str, source: str) -> None:
+    """Makes the processor's base views ``geometry`` ("pad" or "crop"), saying so on stderr when that
+    changes it (``source``: what asks for that geometry)."""
+    from ..models import adapter_for
+
+    if adapter_for(model).set_processor_geometry(processor, geometry):
+        print(f"sdrpn: {source} {geometry!r} base views: the processor now "
+              f"{'pads images to a square' if geometry == 'pad' else 'centre-crops images'} "
+              f"(image_processor.do_pad = {geometry == 'pad'})", file=sys.stderr)
 
 
 def load_rpn(args: argparse.Namespace, model):

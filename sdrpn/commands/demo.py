@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..eval.datasets import short_answer_prompt
 from ..eval.metrics import exact_match
-from .common import add_model_arguments, format_box, positive_int, probability
+from .common import add_model_arguments, add_threshold_argument, format_box, positive_int
 
 if TYPE_CHECKING:
     from ..data.synthetic import SyntheticSample
@@ -26,7 +26,9 @@ The questions are those of the synthetic testbed's test split (`sdrpn testbed ge
 inside one coloured shape, too small to read at the model's 96-pixel view. Without --model and
 --rpn the demo runs the tiny LLaVA and RPN shipped in sdrpn/testbed/assets. It writes each
 question's image to <out>/images/<#>.png and the `sdrpn show` picture of the first one to
-<out>/roi.png. Latencies exclude a first, untimed warm-up answer (one-time setup)."""
+<out>/roi.png. Latencies exclude a first, untimed warm-up answer (one-time setup).
+The RoI threshold is the one `sdrpn train` calibrated for the RPN (0.1 for the shipped one), as in
+the testbed's measurements; an RPN without one uses its default threshold."""
 
 DEFAULT_OUT = Path("out/demo")
 
@@ -39,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic test split (default 0)")
     demo.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                       help=f"where the images and roi.png go (default {DEFAULT_OUT})")
-    demo.add_argument("--threshold", type=probability, metavar="T",
-                      help="RoI threshold (default: the RPN's)")
+    add_threshold_argument(demo, "calibrated, else the RPN's default")
     demo.add_argument("--max-new-tokens", type=positive_int, default=8, metavar="N",
                       help="answer length limit (default 8: the answers are two-digit numbers)")
 
@@ -129,6 +130,16 @@ def _write_picture(engine, item: Answered, threshold: float, out: Path) -> Path:
     return path
 
 
+def _threshold(requested, rpn):
+    """``--threshold``, by default the RPN's calibrated threshold (its default one when it has none)."""
+    from ..eval.predictors import resolve_threshold
+    from ..rpn import CALIBRATED
+
+    if requested is None and rpn.calibrated_threshold is not None:
+        requested = CALIBRATED
+    return resolve_threshold(rpn, requested)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.synthetic import split_sample
     from ..eval.predictors import EnginePredictor, build_engine
@@ -136,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
 
     _use_shipped_defaults(args)
     model, processor = load_model(args)
-    engine = build_engine(model, processor, load_rpn(args, model))
+    rpn = load_rpn(args, model)
+    engine = build_engine(model, processor, rpn)
     baseline = EnginePredictor(engine, "baseline", max_new_tokens=args.max_new_tokens)
-    sdrpn = EnginePredictor(engine, "sdrpn", threshold=args.threshold, max_new_tokens=args.max_new_tokens)
+    sdrpn = EnginePredictor(engine, "sdrpn", threshold=_threshold(args.threshold, rpn),
+                            max_new_tokens=args.max_new_tokens)
     threshold = sdrpn.settings["threshold"]
 
     samples = [split_sample(args.seed, "test", index) for index in range(args.questions)]

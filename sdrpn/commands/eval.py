@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..eval.datasets import BENCHMARKS
-from .common import (add_max_regions_argument, add_model_arguments, existing_file, existing_path, positive_int,
-                     probability)
+from .common import (add_max_regions_argument, add_model_arguments, add_prompt_argument, add_threshold_argument,
+                     existing_file, existing_path, positive_int)
 
 HELP = "Evaluate methods on a benchmark: metric, samples/s, visual tokens; plot the trade-off."
 
@@ -27,8 +27,10 @@ EPILOG = """\
   torchrun --nproc_per_node 4 -m sdrpn eval --model ckpt/llava-1.5-7b-hf --rpn rpn/llava-1.5-7b \\
       --benchmark docvqa --data data/docvqa --out results/docvqa.json
 
-  # your own questions (one JSON object per line: question_id, image, question, answers)
-  sdrpn eval --model ckpt/tiny --rpn rpn/tiny --benchmark jsonl --data data/test.jsonl --out results/mine.json
+  # your own questions (one JSON object per line: question_id, image, question, answers), with the
+  # RoI threshold sdrpn train calibrated for this RPN
+  sdrpn eval --model ckpt/tiny --rpn rpn/tiny --benchmark jsonl --data data/test.jsonl --threshold calibrated \\
+      --out results/mine.json
 
   # accuracy against throughput for every method of one or more results files (+ results.csv)
   sdrpn eval --plot results.png results/textvqa.json results/docvqa.json
@@ -36,7 +38,9 @@ EPILOG = """\
 Benchmarks and what --data points at:
 """ + "\n".join(f"  {name:9s} {spec.description}" for name, spec in BENCHMARKS.items()) + """
 
-Predictions are appended to <out stem>.<method>.jsonl beside --out as they are produced."""
+Every method answers the same prompts: the conversation template the RPN was trained with (--prompt
+overrides it for all of them). Predictions are appended to <out stem>.<method>.jsonl beside --out as
+they are produced."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--strategy", choices=("mask", "box"), default="mask",
                      help="RoI upscaling of the SD-RPN methods: box for one component, masked for more "
                           "(mask, the default), or always the box enclosing the mask (box)")
-    run.add_argument("--threshold", type=probability, metavar="T",
-                     help="RoI threshold (default: the benchmark's preset, e.g. 0.15 for TextVQA, "
-                          "else the RPN's own)")
+    add_threshold_argument(run, "the benchmark's preset, e.g. 0.15 for TextVQA and 0.1 for DocVQA, else the "
+                                "RPN's default, 0.15 for LLaVA-1.5")
+    add_prompt_argument(run, "the one the RPN was trained with, for every method")
     add_max_regions_argument(run)
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
     run.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="questions per batch (default 1)")
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..eval import report, runner
     from ..eval.datasets import OPTION_ANSWER, SHORT_ANSWER, get_benchmark
-    from ..eval.predictors import RPN_METHODS, EnginePredictor, build_engine, check_methods
+    from ..eval.predictors import RPN_METHODS, EnginePredictor, build_engine, check_methods, resolve_threshold
     from .common import load_model, load_rpn, resolve_device
 
     benchmark = get_benchmark(args.benchmark)
@@ -123,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(distributed.device_for(context, resolve_device(args.device)))
     with distributed.process_group(device=args.device):
         model, processor = load_model(args)
-        engine = build_engine(model, processor, load_rpn(args, model), strategy=args.strategy,
-                              max_regions=args.max_regions)
+        rpn = load_rpn(args, model)
+        threshold = resolve_threshold(rpn, threshold)
+        engine = build_engine(model, processor, rpn, strategy=args.strategy, max_regions=args.max_regions,
+                              prompt=args.prompt)
         for method in methods:
             predictor = EnginePredictor(engine, method, threshold=threshold, max_new_tokens=args.max_new_tokens)
             options = {"model": str(args.model.resolve()), "dtype": args.dtype,
@@ -145,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data.resolve()),
         "split": args.split,
         "num_samples": len(samples),
-        "prompts": {"short_answer": SHORT_ANSWER, "multiple_choice": OPTION_ANSWER,
+        "prompts": {"template": engine.prompt_template.name, "short_answer": SHORT_ANSWER,
+                    "multiple_choice": OPTION_ANSWER,
                     "likelihood": "log-probability of each option's letter as the first answer token",
                     "choice_scoring": choice_scoring, "example": samples[0].prompt},
     }

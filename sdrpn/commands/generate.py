@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..errors import UserError
-from .common import add_max_regions_argument, add_model_arguments, existing_file, format_box, positive_int, probability
+from .common import (add_max_regions_argument, add_model_arguments, add_prompt_argument, add_threshold_argument,
+                     existing_file, format_box, positive_int)
 
 HELP = "Answer a question about an image; print the answer, RoI boxes, visual tokens, latency."
 
@@ -17,7 +18,10 @@ EPILOG = """\
       --question "What is the invoice number?" --threshold 0.1 --json
   sdrpn generate --model ckpt/llava-1.5-7b-hf --rpn rpn/llava-1.5-7b --image street.jpg \\
       --question "What is the name of the store?" --method baseline
+  sdrpn generate --model ckpt/tiny --rpn rpn/tiny --image page.png --question "What is the total?" \\
+      --threshold calibrated
 
+The prompt follows the conversation template the RPN was trained with (--prompt overrides it).
 RoI boxes are [x0, y0, x1, y1) in pixels of the source image. The latency is the wall time of the
 generation call (the first call of a process includes one-time setup)."""
 
@@ -29,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--question", required=True, help="the question about the image")
     query.add_argument("--method", default="sdrpn",
                        help="sdrpn (default), baseline, sdrpn-reference, res-scaling or vicrop")
-    query.add_argument("--threshold", type=probability, metavar="T",
-                       help="RoI threshold (default: the RPN's, 0.15 for LLaVA-1.5)")
+    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5")
+    add_prompt_argument(query, "the one the RPN was trained with")
     add_max_regions_argument(query)
     query.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
                        help="answer length limit (default 128)")
@@ -39,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.datasets import open_image
-    from ..eval.predictors import EnginePredictor, build_engine, check_methods
+    from ..eval.predictors import EnginePredictor, build_engine, check_methods, resolve_threshold
     from .common import load_model, load_rpn
 
     image = open_image(args.image)
@@ -48,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--question is empty")
     check_methods([args.method], has_rpn=True)
     model, processor = load_model(args)
-    engine = build_engine(model, processor, load_rpn(args, model), max_regions=args.max_regions)
-    predictor = EnginePredictor(engine, args.method, threshold=args.threshold, max_new_tokens=args.max_new_tokens)
+    rpn = load_rpn(args, model)
+    engine = build_engine(model, processor, rpn, max_regions=args.max_regions, prompt=args.prompt)
+    predictor = EnginePredictor(engine, args.method, threshold=resolve_threshold(rpn, args.threshold),
+                                max_new_tokens=args.max_new_tokens)
     result = predictor.run([image], [question])
     prediction = result.predictions[0]
     original = engine.adapter.image_length

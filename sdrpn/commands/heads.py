@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, existing_file, positive_int, ratio
+from .common import add_model_arguments, add_prompt_argument, existing_dir, existing_file, positive_int, ratio
 from .label import add_sink_arguments, read_data, sink_spec
 
 HELP = "Rank (layer, head) pairs by how well their attention grounds the answer."
@@ -19,7 +19,8 @@ Each head is scored over the calibration answers by image share x specificity: t
 divergence of its answer-to-image maps across questions (sink tokens removed), high only for a head
 that is concentrated and looks at a different place for every question; see sdrpn.distill.heads.
 The top heads (those within --min-score-ratio of the best) are written to --out (default
-heads.json), which `sdrpn label --heads FILE` reads.
+heads.json), which `sdrpn label --heads FILE` reads; it records the conversation template (--prompt)
+the heads were scored with, which the labels should use too.
 LLaVA-1.5-7B preset (the authors' choice): layer 14, heads 13, 24, 26 (--heads llava-1.5-7b)."""
 
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="directory the records' image paths are relative to")
     data.add_argument("--max-samples", type=positive_int, default=64, metavar="N",
                       help="calibration samples: the first N usable records (default 64)")
+    add_prompt_argument(data, "the model family's, vicuna_v1 for LLaVA")
     search = parser.add_argument_group("search")
     search.add_argument("--layers", metavar="RANGE",
                         help="layers to score: 8-20, 14 or 8,10,12 (default: the middle third of the model)")
@@ -51,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..distill.heads import calibrate_heads, format_table, parse_layer_range
+    from ..models import adapter_for
+    from ..prompts import template_for
     from .common import load_model
 
     sink = sink_spec(args)
@@ -65,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
                   else list(range(num_layers // 3, max(2 * num_layers // 3, num_layers // 3 + 1))))
     except ValueError as exc:
         raise UserError(f"--layers: {exc}") from None
-    scorer, skipped = calibrate_heads(model, processor, records, args.image_root, layers, sink,
-                                      args.batch_size, args.max_new_tokens, progress=not args.no_progress)
+    template = template_for(args.prompt, adapter_for(model, processor))
+    scorer, skipped = calibrate_heads(model, processor, records, args.image_root, layers, sink, args.batch_size,
+                                      args.max_new_tokens, progress=not args.no_progress, prompt=template)
     try:
         selection = scorer.select(args.top, args.min_score_ratio)
     except ValueError as exc:
@@ -75,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(table, selection, args.show))
     print(f"scored {len(layers)} layers x {scorer.num_heads} heads over {scorer.samples} samples"
           + (f" ({len(skipped) + len(issues)} records skipped)" if skipped or issues else ""))
-    selection.save(Path(args.out), table)
+    selection.save(Path(args.out), table, prompt=template)
     print(f"selected {selection}; wrote {args.out} (use: sdrpn label --heads {args.out})")
     return 0

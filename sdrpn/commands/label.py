@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, existing_file, positive_int
+from .common import add_model_arguments, add_prompt_argument, existing_dir, existing_file, positive_int
 
 HELP = "Write self-distilled RoI pseudo-labels from the model's own attention."
 EPILOG = """\
@@ -18,7 +18,9 @@ EPILOG = """\
       --image-root data --out labels
 
 --data is LLaVA instruction data (JSON array or JSON lines with id, image, conversations) or plain
-JSON lines (question_id, image, text). Rerun the same command to resume an interrupted run.
+JSON lines (question_id, image, text). The questions are asked in the conversation template of
+--prompt, which run.json records and `sdrpn train` passes on to the RPN. Rerun the same command to
+resume an interrupted run (with the same settings, --prompt included).
 Output: shard-*.safetensors (grounding, sink, labels), index.jsonl, issues.jsonl, run.json."""
 
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="directory the records' image paths are relative to")
     data.add_argument("--out", required=True, metavar="DIR", help="output directory (created; reused to resume)")
     data.add_argument("--max-samples", type=positive_int, metavar="N", help="label only the first N usable records")
+    add_prompt_argument(data, "the model family's, vicuna_v1 for LLaVA")
 
     attention = parser.add_argument_group("grounding attention")
     attention.add_argument("--heads", default="llava-1.5-7b", metavar="SPEC",
@@ -115,7 +118,8 @@ def _options(args: argparse.Namespace):
         raise UserError(f"--max-box-frac must be in (0, 1], got {args.max_box_frac}")
     return LabelOptions(heads=heads, sink=sink, tau_fg=args.tau_fg, tau_bg=args.tau_bg,
                         max_box_frac=args.max_box_frac, min_peak=args.min_peak, blur_box=args.blur_box,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size)
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+                        prompt=args.prompt)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_max_regions_argument, add_model_arguments, existing_file, positive_int, probability
+from .common import (add_max_regions_argument, add_model_arguments, add_prompt_argument, add_threshold_argument,
+                     existing_file, positive_int)
 
 HELP = "Draw where the model looked: RoI heatmap, mask, boxes, zoomed crop and both answers."
 
@@ -19,7 +20,8 @@ EPILOG = """\
 Left: the image with the RPN's RoI probabilities as a heatmap over the model's view, the contour
 of the thresholded mask and the RoI boxes. Right: the zoomed crop the model saw in stage 2 (with
 masked upscaling, the parts whose tokens were not kept are dimmed). Below: the question and both
-answers."""
+answers. Both answer the same prompt, in the conversation template the RPN was trained with (--prompt
+overrides it)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--image", required=True, type=existing_file, metavar="FILE", help="the image")
     query.add_argument("--question", required=True, help="the question about the image")
     query.add_argument("--out", required=True, type=Path, metavar="PNG", help="where to write the picture")
-    query.add_argument("--threshold", type=probability, metavar="T",
-                       help="RoI threshold (default: the RPN's, 0.15 for LLaVA-1.5)")
+    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5")
+    add_prompt_argument(query, "the one the RPN was trained with")
     add_max_regions_argument(query)
     query.add_argument("--size", type=positive_int, default=512, metavar="PX",
                        help="side of each of the two panels in pixels (default 512)")
@@ -47,14 +49,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--question is empty")
 
     from ..eval.datasets import open_image
-    from ..eval.predictors import EnginePredictor, build_engine
+    from ..eval.predictors import EnginePredictor, build_engine, resolve_threshold
     from ..viz import render, roi_figure
     from .common import load_model, load_rpn
 
     image = open_image(args.image)
     model, processor = load_model(args)
-    engine = build_engine(model, processor, load_rpn(args, model), max_regions=args.max_regions)
-    with_rpn = EnginePredictor(engine, "sdrpn", threshold=args.threshold, max_new_tokens=args.max_new_tokens)
+    rpn = load_rpn(args, model)
+    engine = build_engine(model, processor, rpn, max_regions=args.max_regions, prompt=args.prompt)
+    with_rpn = EnginePredictor(engine, "sdrpn", threshold=resolve_threshold(rpn, args.threshold),
+                               max_new_tokens=args.max_new_tokens)
     without = EnginePredictor(engine, "baseline", max_new_tokens=args.max_new_tokens)
     answer = with_rpn.run([image], [question])
     prediction = answer.predictions[0]

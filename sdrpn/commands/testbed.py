@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                       help=f"questions per batch in labelling and evaluation (default {defaults.batch_size})")
     loop.add_argument("--threshold", type=probability, metavar="T",
-                      help="RoI threshold (default: the RPN's, which sdrpn train calibrates)")
+                      help="RoI threshold (default: each RPN's calibrated one, which sdrpn train chooses "
+                           "on held-out labels)")
     loop.add_argument("--no-data-efficiency", action="store_true", help="skip the 10%% / 30%% label-set runs")
     loop.add_argument("--no-ablation", action="store_true", help="skip the ablation rows")
     loop.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")

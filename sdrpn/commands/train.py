@@ -20,9 +20,11 @@ same command to resume from the last checkpoint in --out (written every --save-e
 --batch-size is the global batch: processes x --grad-accum x micro-batch.
 --target attention and --keep-sinks are ablations; the held-out metrics still use the 3-valued
 labels (recomputed with sinks kept under --keep-sinks), on the same samples for either target.
-The RPN's RoI threshold (config.json; what demo, show, generate and eval use unless told otherwise)
-is calibrated on the held-out samples: of 0.01 .. 0.5, the one whose blurred RoI masks best overlap
-the foreground labels. --threshold sets it instead."""
+The RPN records the conversation template of the labels (sdrpn label --prompt), where its image
+tokens start and the processor's base view geometry; generate, show, eval and demo use them.
+Its default RoI threshold is the authors' 0.15 (--threshold sets another). A threshold calibrated on
+the held-out samples is saved beside it: of 0.01 .. 0.5, the one whose blurred RoI masks best
+overlap the foreground labels; the other commands use it with --threshold calibrated."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--keep-sinks", action="store_true",
                         help="do not zero attention-sink tokens: labels recomputed from the grounding (ablation)")
     recipe.add_argument("--threshold", type=probability, metavar="T",
-                        help="RoI threshold saved with the RPN (default: calibrated on the held-out labels)")
+                        help="default RoI threshold saved with the RPN (default: 0.15, the authors'); the "
+                             "calibrated one is saved beside it")
 
     run = parser.add_argument_group("run")
     run.add_argument("--eval-samples", type=int, default=256,
@@ -71,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
+    from ..distill.label_job import label_geometry
     from ..distill.train import TrainOptions, read_label_set, train_rpn
     from ..models import adapter_for
-    from .common import load_model, resolve_device
+    from .common import load_model, match_processor_geometry, resolve_device
 
     if not 0.0 <= args.warmup < 1.0:
         raise UserError(f"--warmup must be in [0, 1), got {args.warmup}")
@@ -92,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group(device=device) as context:
         args.device = str(distributed.device_for(context, device))
         model, processor = load_model(args)
+        geometry = label_geometry(label_set.settings)
+        if geometry is not None:  # the label maps are on these views: train on them too
+            match_processor_geometry(model, processor, geometry, "the labels were made on")
         labelled_with = label_set.settings.get("model_config")
         if labelled_with is not None and labelled_with != adapter_for(model, processor).config_fingerprint():
             raise UserError(f"--labels {args.labels} were made with another model architecture than --model {args.model}")

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..models.base import ModelAdapter, ModelInputs, default_position_ids
+from ..prompts import template_for
 
 
 def head_rows(
@@ -224,16 +225,6 @@ def capture(adapter: ModelAdapter, batch: TeacherForcedBatch, request: CaptureRe
     return Capture(request, rows, states, batch.query_mask)
 
 
-def build_prompt(processor, question: str) -> str:
-    """The model's prompt for ``question`` about one image: the processor's chat template when it
-    has one, else LLaVA-1.5's conversation format."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", "<image>")
-    return f"USER: {image_token}\n{question} ASSISTANT:"
-
-
 @dataclass
 class Reading:
     """What :meth:`AttentionReader.read` returns for one batch.
@@ -255,16 +246,19 @@ class AttentionReader:
     The answers are greedy (the engine's decode loop, the model's own attention implementation);
     the rows come from :func:`capture`, whose prompt part is shared with the answer's prefill.
     ``processor`` is needed by :meth:`read` (prompts, images, decoding), not by
-    :meth:`read_encoded`.
+    :meth:`read_encoded`. Prompts follow ``prompt`` (a :mod:`sdrpn.prompts` preset name, recorded
+    dict or template; None: the model family's default, ``vicuna_v1`` for LLaVA).
     """
 
-    def __init__(self, model, processor=None, max_new_tokens: int = 128, adapter: ModelAdapter | None = None):
+    def __init__(self, model, processor=None, max_new_tokens: int = 128, adapter: ModelAdapter | None = None,
+                 prompt=None):
         from ..models import adapter_for
 
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.adapter = adapter or adapter_for(model, processor)
+        self.template = template_for(prompt, self.adapter)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         generation = model.generation_config
         eos = generation.eos_token_id
@@ -319,7 +313,7 @@ class AttentionReader:
         """Answer one batch of (image, question) and capture ``request`` over prompt + answer."""
         if self.processor is None:
             raise ValueError("AttentionReader.read needs the model's processor")
-        prompts = [build_prompt(self.processor, question) for question in questions]
+        prompts = [self.template.render(question, self.processor) for question in questions]
         encoded = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True,
                                  padding_side="left")
         answers, captured = self.read_encoded(encoded["input_ids"], encoded["attention_mask"],

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ..prompts import PromptTemplate
 from .attention import AttentionReader, CaptureRequest
 from .records import Record, RecordIssue, open_record_image
 from .sinks import SinkSpec
@@ -99,9 +100,12 @@ class HeadSelection:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a head selection file ({exc})") from None
 
-    def save(self, path: str | Path, scores: list[dict] | None = None) -> None:
-        """Write the selection (and optionally the ranked table it came from) as JSON."""
+    def save(self, path: str | Path, scores: list[dict] | None = None, prompt: PromptTemplate | None = None) -> None:
+        """Write the selection (and optionally the ranked table it came from and the conversation
+        template it was scored with) as JSON."""
         data = {"format": SELECTION_FORMAT, "heads": [list(pair) for pair in self.pairs]}
+        if prompt is not None:
+            data["prompt"] = prompt.to_dict()
         if scores is not None:
             data["scores"] = scores
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
@@ -218,16 +222,17 @@ def parse_layer_range(text: str, num_layers: int) -> list[int]:
 
 
 def calibrate_heads(model, processor, records: Sequence[Record], image_root: str | Path, layers: Sequence[int],
-                    sink: SinkSpec, batch_size: int = 8, max_new_tokens: int = 128,
-                    progress: bool = True) -> tuple[HeadScorer, list[RecordIssue]]:
+                    sink: SinkSpec, batch_size: int = 8, max_new_tokens: int = 128, progress: bool = True,
+                    prompt=None) -> tuple[HeadScorer, list[RecordIssue]]:
     """Score every head of ``layers`` over ``records``; returns the scorer and the skipped records.
+    The questions are asked in the conversation template ``prompt`` (None: the family's default).
 
     Each batch is answered greedily and read in one teacher-forced pass up to the last layer
     (:class:`.attention.AttentionReader`), like ``sdrpn label`` does.
     """
     from tqdm import tqdm
 
-    reader = AttentionReader(model, processor, max_new_tokens)
+    reader = AttentionReader(model, processor, max_new_tokens, prompt=prompt)
     adapter = reader.adapter
     grounding_layer = min(layers)
     request = CaptureRequest({layer: tuple(range(adapter.num_heads)) for layer in layers}).merge(

@@ -21,7 +21,7 @@ import json
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ import torch
 from .. import distributed
 from ..errors import UserError
 from ..models.base import ModelAdapter
+from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
 from .attention import AttentionReader, Capture, CaptureRequest, grounding_map
 from .heads import HeadSelection
 from .labels import assign_labels, is_valid
@@ -58,7 +59,9 @@ class LabelOptions:
     """Everything that decides the labels (and therefore must not change when a run resumes),
     plus how the work is batched.
 
-    The label rules and their defaults are those of :func:`.labels.assign_labels`.
+    The label rules and their defaults are those of :func:`.labels.assign_labels`. ``prompt`` is the
+    conversation template of the questions (a :mod:`sdrpn.prompts` preset name or template; None:
+    the model family's default, resolved by :class:`Labeller`).
     """
 
     heads: HeadSelection
@@ -71,12 +74,30 @@ class LabelOptions:
     max_new_tokens: int = 128
     batch_size: int = 8
     shard_size: int = 256
+    prompt: str | PromptTemplate | None = None
 
     def label_settings(self) -> dict:
         """The options that change the output (batching excluded)."""
-        return {"heads": [list(pair) for pair in self.heads.pairs], "sink": self.sink.to_dict(),
-                "tau_fg": self.tau_fg, "tau_bg": self.tau_bg, "max_box_frac": self.max_box_frac,
-                "min_peak": self.min_peak, "blur_box": self.blur_box, "max_new_tokens": self.max_new_tokens}
+        settings = {"heads": [list(pair) for pair in self.heads.pairs], "sink": self.sink.to_dict(),
+                    "tau_fg": self.tau_fg, "tau_bg": self.tau_bg, "max_box_frac": self.max_box_frac,
+                    "min_peak": self.min_peak, "blur_box": self.blur_box, "max_new_tokens": self.max_new_tokens}
+        if self.prompt is not None:
+            settings["prompt"] = template_named(self.prompt).to_dict()
+        return settings
+
+
+def label_geometry(settings: dict) -> str | None:
+    """The base view geometry ("pad" or "crop") a label run's maps were made on; None when not
+    recorded (the processor's)."""
+    return settings.get("geometry")
+
+
+def label_template(settings: dict) -> PromptTemplate:
+    """The conversation template of a label run, from its settings (``run.json``: under ``options``
+    for ``sdrpn label``, at the top for imported labels); runs that did not record one used the
+    processor's chat template."""
+    recorded = settings.get("options", {}).get("prompt") or settings.get("prompt")
+    return template_named(recorded or PROCESSOR_TEMPLATE)
 
 
 @dataclass
@@ -94,9 +115,9 @@ class Labeller:
     """Turns a batch of (image, question) pairs into answers and labels with one model."""
 
     def __init__(self, model, processor, options: LabelOptions, adapter: ModelAdapter | None = None):
-        self.options = options
-        self.reader = AttentionReader(model, processor, options.max_new_tokens, adapter)
+        self.reader = AttentionReader(model, processor, options.max_new_tokens, adapter, options.prompt)
         self.adapter = adapter = self.reader.adapter
+        self.options = options = replace(options, prompt=self.reader.template)  # recorded in the settings
         try:
             options.heads.check(adapter.num_layers, adapter.num_heads)
         except ValueError as exc:
@@ -201,13 +222,38 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     """Record the run's settings, or refuse to mix them with another run's shards."""
     path = out_dir / SETTINGS_NAME
     if path.exists():
-        found = json.loads(path.read_text())
+        found = _with_unrecorded_defaults(json.loads(path.read_text()), settings)
         if found != settings:
-            changed = sorted(key for key in set(found) | set(settings) if found.get(key) != settings.get(key))
+            changed = sorted(_changed_keys(found, settings))
             raise UserError(f"{out_dir} holds labels made with other settings (changed: {', '.join(changed)}); "
                             f"pass another --out, or delete it to start over")
         return
     atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
+
+
+def _with_unrecorded_defaults(settings: dict, expected: dict) -> dict:
+    """Settings of a run that did not record its template or geometry, with the ones it used: the
+    processor's chat template, and the processor's geometry (taken to be today's)."""
+    options = settings.get("options")
+    if isinstance(options, dict) and "prompt" not in options:
+        settings = {**settings, "options": {**options, "prompt": label_template(settings).to_dict()}}
+    if "geometry" not in settings and "geometry" in expected:
+        settings = {**settings, "geometry": expected["geometry"]}
+    return settings
+
+
+def _changed_keys(found: dict, expected: dict) -> list[str]:
+    """The settings that differ, naming the label options one by one (``options.prompt``)."""
+    changed = []
+    for key in set(found) | set(expected):
+        before, after = found.get(key), expected.get(key)
+        if before == after:
+            continue
+        if key == "options" and isinstance(before, dict) and isinstance(after, dict):
+            changed += [f"options.{name}" for name in set(before) | set(after) if before.get(name) != after.get(name)]
+        else:
+            changed.append(key)
+    return changed
 
 
 def run_label_job(
@@ -332,4 +378,4 @@ def run_settings_for(model_path: str | Path, adapter: ModelAdapter, data_path: s
     reads the image root from them)."""
     return {"model": str(Path(model_path).resolve()), "model_config": adapter.config_fingerprint(),
             "data": str(Path(data_path).resolve()), "image_root": str(Path(image_root).resolve()),
-            "max_samples": max_samples}
+            "max_samples": max_samples, "geometry": adapter.geometry.mode}

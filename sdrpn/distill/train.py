@@ -19,6 +19,12 @@ Two ablations of the paper's choices train on other targets made from the same s
 the 3-valued labels, and ``keep_sinks`` recomputes the labels without zeroing the sink tokens. The
 held-out metrics always use the 3-valued labels of the chosen sink setting, so runs compare.
 
+The RPN records what it was trained with, for the engine to match: the conversation template of
+the labels (``sdrpn label --prompt``; labels that did not record one used the processor's chat
+template), the index of the first image token under it, and the processor's base view geometry.
+Its RoI threshold is the authors' default (0.15), or the one asked for; the threshold calibrated on
+the held-out labels is recorded beside it (``calibrated_threshold``).
+
 Reproducible and resumable: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``, so a step number alone says which samples come next. A checkpoint (RPN, optimizer
 and schedule state, step) is written atomically every ``save_every`` steps; a rerun with the same
@@ -49,7 +55,8 @@ from safetensors.torch import load_file, save
 from .. import distributed
 from ..errors import UserError
 from ..models.base import ModelAdapter
-from .attention import build_prompt
+from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_for, template_named
+from .label_job import label_template
 from .labels import IGNORE_INDEX, assign_labels, is_valid
 from .records import RecordProblem, open_rgb_image
 from .shards import atomic_write, read_index, read_shard
@@ -90,8 +97,9 @@ class TrainOptions:
             labels) or ``attention`` (BCE against the grounding map over its peak, on every cell).
         keep_sinks: do not zero the sink tokens: labels recomputed from the grounding with an empty
             sink mask, and an ``attention`` target that keeps the sinks' values.
-        threshold: the RoI threshold saved with the RPN; None calibrates it on the held-out samples
-            (:func:`calibrated_threshold`), or keeps the RPN's default without held-out samples.
+        threshold: the default RoI threshold saved with the RPN; None keeps the authors' 0.15. The
+            calibrated threshold (:func:`calibrated_threshold`, on the held-out samples) is saved
+            beside it either way.
     """
 
     start_layer: int = 15
@@ -248,16 +256,18 @@ class Backbone:
     """Layers ``0 .. K-1`` of the frozen model, without autograd, with an optional disk cache.
 
     Per sample it yields the states entering layer K over the real prompt tokens (the sequence
-    ends at the query token) and the position of the first image token in it.
+    ends at the query token) and the position of the first image token in it. The questions are
+    asked in the conversation template ``prompt`` (None: the model family's default).
     """
 
     def __init__(self, model, processor, adapter: ModelAdapter, start_layer: int, image_root: Path,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, prompt=None):
         self.model = model
         self.processor = processor
         self.adapter = adapter
         self.start_layer = start_layer
         self.image_root = image_root
+        self.template = template_for(prompt, adapter)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -265,12 +275,17 @@ class Backbone:
 
     def _check_cache(self) -> None:
         identity = {"model": self.adapter.config_fingerprint(), "start_layer": self.start_layer,
-                    "dtype": str(self.adapter.dtype)}
+                    "dtype": str(self.adapter.dtype), "prompt": self.template.to_dict(),
+                    "geometry": self.adapter.geometry.mode}
         path = self.cache_dir / "cache.json"
         if path.exists():
-            if json.loads(path.read_text()) != identity:
-                raise UserError(f"--cache {self.cache_dir} holds features of another model, K or dtype; "
-                                f"use another directory")
+            # Caches that did not record the template and geometry were made with the processor's
+            # chat template and the checkpoint's own processor.
+            found = {"prompt": template_named(PROCESSOR_TEMPLATE).to_dict(), "geometry": identity["geometry"],
+                     **json.loads(path.read_text())}
+            if found != identity:
+                raise UserError(f"--cache {self.cache_dir} holds features of another model, K, dtype, prompt "
+                                f"template or geometry; use another directory")
         else:
             atomic_write(path, json.dumps(identity).encode())
 
@@ -285,7 +300,7 @@ class Backbone:
                 images.append(open_rgb_image(self.image_root, sample.image)[0])
             except RecordProblem as problem:
                 raise UserError(f"training sample {sample.record}: {problem} (pass --image-root)") from None
-        prompts = [build_prompt(self.processor, sample.question) for sample in samples]
+        prompts = [self.template.render(sample.question, self.processor) for sample in samples]
         encoded = self.processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
         inputs = self.adapter.embed(encoded["input_ids"], encoded["pixel_values"], encoded["attention_mask"])
         hidden = self.adapter.run_layers(inputs.inputs_embeds, 0, self.start_layer, inputs.position_ids,
@@ -379,6 +394,19 @@ def calibrated_threshold(mean_ious: Sequence[float], thresholds: Sequence[float]
     return thresholds[max(index for index, value in enumerate(mean_ious) if value == best)]
 
 
+def prompt_image_start(processor, template: PromptTemplate, adapter: ModelAdapter) -> int:
+    """The index of the first image token in ``template``'s prompts as ``processor`` encodes them (it
+    comes before the question, so one blank image and question tell)."""
+    from PIL import Image
+
+    from ..engine.pipeline import image_starts
+
+    height, width = adapter.vision_input_size
+    encoded = processor(images=[Image.new("RGB", (width, height))], text=[template.render("?", processor)],
+                        return_tensors="pt")
+    return image_starts(encoded["input_ids"], None, adapter.image_token_id)[0]
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
     """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay to ``floor``."""
     if step < warmup_steps:
@@ -443,11 +471,15 @@ class Trainer:
         # micro-batches, as DDP requires, and every step has the same weight.
         self.steps_per_epoch = len(train) // options.batch_size
         self.total_steps = options.max_steps or options.epochs * self.steps_per_epoch
-        self.backbone = Backbone(model, processor, self.adapter, options.start_layer, label_set.image_root, cache_dir)
+        template = label_template(label_set.settings)
+        self.backbone = Backbone(model, processor, self.adapter, options.start_layer, label_set.image_root, cache_dir,
+                                 template)
 
         labels = {**label_set.settings.get("options", {}), "target": options.target, "keep_sinks": options.keep_sinks}
-        self.rpn = RPN.from_model(self.adapter, options.start_layer, options.num_blocks,
-                                  labels=labels).float().to(self.device)
+        threshold = {} if options.threshold is None else {"threshold": options.threshold}
+        self.rpn = RPN.from_model(self.adapter, options.start_layer, options.num_blocks, labels=labels,
+                                  prompt=template, image_start=prompt_image_start(processor, template, self.adapter),
+                                  geometry=self.adapter.geometry.mode, **threshold).float().to(self.device)
         self.rpn.requires_grad_(True)  # copied from the frozen model
         self.rpn.train()
         self.module = self.rpn
@@ -565,18 +597,17 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
 
-def _final_threshold(trainer: Trainer, final: dict | None) -> float:
-    """The RoI threshold saved with the RPN: the one asked for, else calibrated on the held-out samples."""
-    if trainer.options.threshold is not None:
-        return trainer.options.threshold
+def _calibrated_threshold(trainer: Trainer, final: dict | None) -> float | None:
+    """The RoI threshold calibrated on the held-out samples (None without any)."""
     if final is None:
-        return trainer.rpn.threshold
+        return None
     ious = final["roi_iou_by_threshold"]
     chosen = calibrated_threshold(ious)
     if trainer.context.is_main:
         iou = ious[CALIBRATION_THRESHOLDS.index(chosen)]
-        print(f"RoI threshold {chosen:g}: calibrated on the held-out labels (IoU {iou:.4f} of the blurred "
-              f"RoI mask with their foreground)", file=sys.stderr)
+        print(f"calibrated RoI threshold {chosen:g} on the held-out labels (IoU {iou:.4f} of the blurred RoI "
+              f"mask with their foreground); saved as calibrated_threshold, used with --threshold calibrated "
+              f"(the default stays {trainer.rpn.threshold:g})", file=sys.stderr)
     return chosen
 
 
@@ -643,7 +674,7 @@ def train_rpn(model, processor, label_set: LabelSet, out_dir: str | Path, option
         if context.is_main:
             print(f"held-out: IoU {final['held_out_iou']:.4f}, BCE {final['held_out_bce']:.4f} "
                   f"({final['held_out_samples']} samples)", file=sys.stderr)
-    trainer.rpn.threshold = _final_threshold(trainer, final if trainer.held_out else None)
+    trainer.rpn.calibrated_threshold = _calibrated_threshold(trainer, final if trainer.held_out else None)
     if context.is_main:
         trainer.rpn.save_pretrained(out_dir)
         trainer.save_checkpoint()

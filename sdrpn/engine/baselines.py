@@ -146,7 +146,7 @@ def _generic_tail(engine) -> list[int]:
     tokenizer = getattr(engine.processor, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("vicrop tokenizes its generic prompt: SDRPN(model, rpn, processor) with a full processor")
-    ids = tokenizer(engine._prompt(GENERIC_PROMPT), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(engine.prompt(GENERIC_PROMPT), add_special_tokens=False)["input_ids"]
     image = [i for i, token in enumerate(ids) if token == engine.adapter.image_token_id]
     return ids[image[-1] + 1:] if image else ids
 
@@ -180,7 +180,7 @@ def vicrop_method(engine, request: GenerationRequest) -> MethodResult:
         cell = (transform.scale[0] * grid_cell[0], transform.scale[1] * grid_cell[1])
         boxes.append(select_window(ratio[sample], cell, geometry.input_size))
     squares = grid_box_squares(torch.stack(boxes), sources, geometry, adapter.image_grid)
-    crop_features = adapter.encode_images(roi_views(squares, sources, geometry))
+    crop_features = adapter.encode_images(roi_views(squares, sources, geometry, geometry.resample))
 
     prefix = layout.prefix_length
     sequence = torch.cat([question.inputs_embeds[:, :prefix], crop_features.to(question.inputs_embeds.dtype),

@@ -131,8 +131,11 @@ def sdrpn_method(engine, request: GenerationRequest) -> MethodResult:
 def baseline_method(engine, request: GenerationRequest) -> MethodResult:
     """Plain generation: one prefill of the processor's prompt through every layer, then decoding."""
     adapter = engine.adapter
-    embedded = adapter.embed(request.input_ids, request.pixel_values, request.attention_mask)
-    padded = request.attention_mask is not None and not bool(request.attention_mask.bool().all())
+    input_ids, attention_mask = request.input_ids, request.attention_mask
+    if attention_mask is not None:
+        input_ids, attention_mask = left_aligned(input_ids, attention_mask)
+    embedded = adapter.embed(input_ids, request.pixel_values, attention_mask)
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
     attention_mask = embedded.attention_mask if padded else None
     cache = adapter.new_cache()
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, adapter.num_layers, embedded.position_ids,
@@ -143,6 +146,17 @@ def baseline_method(engine, request: GenerationRequest) -> MethodResult:
     visual = torch.full((request.input_ids.shape[0],), adapter.image_length, device=adapter.device)
     return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=None, roi_tokens=None,
                         visual_tokens=visual)
+
+
+def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows rotated so that trailing padding moves to the front: the last position of every row
+    is then a real token, which is where decoding continues (right-padded prompts otherwise continue
+    from a pad token, as ``model.generate`` does). Left or inner padding stays as it is."""
+    mask = attention_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    trailing = mask.shape[1] - 1 - torch.where(mask, positions, -1).amax(dim=1)
+    index = (positions - trailing[:, None]) % mask.shape[1]
+    return input_ids.gather(1, index.to(input_ids.device)), attention_mask.gather(1, index)
 
 
 def pad_rows(rows: list[torch.Tensor], pad: int) -> torch.Tensor:

@@ -1,20 +1,27 @@
 """``SDRPN``: two-stage inference on a loaded Hugging Face MLLM, as a drop-in for ``model.generate``.
 
     engine = SDRPN(model, RPN.from_pretrained("rpn/", model), processor)
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    prompts = [engine.prompt(question) for question in questions]          # the RPN's template
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     ids = engine.generate(**inputs, images=images, max_new_tokens=32)     # like model.generate
     engine.answer(images, ["What is written on the sign?"])               # strings
     engine.predict_roi(**inputs, images=images)                           # stage 1 only
+
+An RPN reads the prompt at fixed layers, so prompts must follow the template it was trained with
+(``rpn.prompt_template``) and images the base view geometry it was trained on (``rpn.geometry``);
+the engine warns once when they visibly do not.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..models import adapter_for
-from ..roi import RoIOptions, RoIProposal, SourceImages, region_squares
+from ..prompts import PromptTemplate, template_named
+from ..roi import RoIOptions, RoIProposal, SourceImages, region_crops
 from ..rpn import RPN
 from .generation import SamplingConfig
 from .layout import PromptLayout
@@ -23,8 +30,6 @@ from .stage1 import rpn_proposal, run_stage1
 
 __all__ = ["SDRPN", "SDRPNOutput", "RoIPrediction"]
 
-DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
-
 
 @dataclass
 class RoIPrediction:
@@ -32,7 +37,7 @@ class RoIPrediction:
 
     Attributes:
         proposal: probability maps, masks, component boxes and counts, RoI cells, region and mode.
-        crops: (B, 4) int64 source-pixel square ``[x0, y0, x1, y1)`` each RoI view shows
+        crops: (B, 4) int64 source-pixel rectangle ``[x0, y0, x1, y1)`` each RoI view shows
             (meaningful where ``proposal.mode > 0``), or None without images.
     """
 
@@ -64,9 +69,13 @@ class SDRPN:
         model: the Hugging Face model as loaded (any dtype, device, attention implementation), or an adapter.
         rpn: an :class:`~sdrpn.rpn.RPN`, or a directory written by ``RPN.save_pretrained``.
         processor: the model's processor (image geometry, ``answer``); None uses the family's default
-            geometry.
+            geometry. Its geometry should be the RPN's (``rpn.geometry``); a warning says when not.
         strategy: "mask" (default), "box" or "none".
-        threshold: RoI threshold; None uses the RPN's.
+        threshold: RoI threshold: a number; None for the RPN's default (0.15, the authors' setting for
+            LLaVA-1.5); ``"calibrated"`` for the one ``sdrpn train`` calibrated on held-out labels.
+        prompt: the conversation template of :meth:`prompt` and :meth:`answer` for every method (a
+            :mod:`sdrpn.prompts` preset name, recorded dict or template); None uses the RPN's
+            (``rpn.prompt_template``).
         compile: compile the RPN + RoI post-processing of stage 1 with ``torch.compile``.
         method: default method of :meth:`generate` ("sdrpn", "baseline", "sdrpn-reference", ...).
         roi_options: further post-processing settings (:class:`~sdrpn.roi.RoIOptions`).
@@ -76,20 +85,23 @@ class SDRPN:
             where reading values costs nothing.
     """
 
-    def __init__(self, model, rpn, processor=None, strategy: str = "mask", threshold: float | None = None,
+    def __init__(self, model, rpn, processor=None, strategy: str = "mask", threshold: float | str | None = None,
                  compile: bool = False, method: str = "sdrpn", roi_options: RoIOptions | None = None,
-                 sync_free: bool | None = None):
+                 sync_free: bool | None = None, prompt: str | dict | PromptTemplate | None = None):
         self.adapter = adapter_for(model, processor)
         self.model = self.adapter.model
         self.processor = processor
         self.rpn = rpn if isinstance(rpn, RPN) else RPN.from_pretrained(rpn, self.adapter)
+        self.prompt_template = self.rpn.prompt_template if prompt is None else template_named(prompt)
         base = roi_options or RoIOptions()
         self.options = RoIOptions(**{**base.__dict__, "strategy": strategy,
-                                     "threshold": self.rpn.threshold if threshold is None else threshold})
+                                     "threshold": self.rpn.resolve_threshold(threshold)})
         self.method = method
         self.sync_free = self.adapter.device.type != "cpu" if sync_free is None else bool(sync_free)
         get_method(method)
         self.proposal_fn = torch.compile(rpn_proposal, dynamic=False) if compile else rpn_proposal
+        self._warned_image_start = False
+        self._warn_on_geometry()
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -99,14 +111,15 @@ class SDRPN:
                     strategy: str | None = None) -> RoIPrediction:
         """Stage 1 only: maps, masks, boxes and counts (plus the source crops when ``images`` are given)."""
         options = self._options(threshold, strategy)
+        self._check_image_start(input_ids, attention_mask)
         layout = PromptLayout.build(input_ids, attention_mask, self.adapter.image_token_id,
                                     self.adapter.image_length, 0).to(self.adapter.device)
         stage1 = run_stage1(self.adapter, self.rpn, layout, pixel_values, options, roi_logits, self.proposal_fn)
         crops = None
         if images is not None:
             sources = SourceImages.from_pil(images, self.adapter.geometry, self.adapter.device)
-            squares = region_squares(stage1.proposal, sources, self.adapter.geometry, self.adapter.image_grid)
-            crops = torch.cat([squares[:, :2], squares[:, :2] + squares[:, 2:]], dim=1)
+            rects = region_crops(stage1.proposal, sources, self.adapter.geometry, self.adapter.image_grid)
+            crops = torch.cat([rects[:, :2], rects[:, :2] + rects[:, 2:]], dim=1)
         return RoIPrediction(proposal=stage1.proposal, crops=crops)
 
     @torch.inference_mode()
@@ -122,7 +135,8 @@ class SDRPN:
             return_roi: return an :class:`SDRPNOutput` instead of the sequences.
             method: override the engine's method for this call.
             roi_logits: (B, H, W) forced RPN maps (tests, benchmarks with random weights).
-            threshold, strategy: override the engine's RoI settings for this call.
+            threshold, strategy: override the engine's RoI settings for this call (``threshold`` as
+                in the constructor, None keeping the engine's).
             generation_kwargs: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
                 ``eos_token_id``, ``pad_token_id``, ``output_logits``; defaults from ``model.generation_config``.
 
@@ -134,6 +148,7 @@ class SDRPN:
             raise ValueError("generate needs the processor outputs input_ids and pixel_values")
         if images is not None and len(images) != input_ids.shape[0]:
             raise ValueError(f"got {len(images)} images for {input_ids.shape[0]} prompts; pass one image per prompt")
+        self._check_image_start(input_ids, attention_mask)
         keep_logits = bool(generation_kwargs.pop("output_logits", False))
         sampling = SamplingConfig.resolve(getattr(self.model, "generation_config", None), **generation_kwargs)
         request = GenerationRequest(
@@ -151,31 +166,63 @@ class SDRPN:
     def answer(self, images, questions, **generation_kwargs) -> list[str]:
         """Answers one question per image; returns the decoded answers.
 
-        Prompts use the processor's chat template when it has one, else LLaVA-1.5's format.
+        Prompts follow the engine's template (:meth:`prompt`) and are padded on the left, whatever
+        the processor's tokenizer says: decoding continues every row from its last token.
         ``max_new_tokens`` defaults to 128.
         """
         if self.processor is None:
             raise ValueError("answer() needs the processor: SDRPN(model, rpn, processor)")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
-        prompts = [self._prompt(question) for question in questions]
-        inputs = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+        prompts = [self.prompt(question) for question in questions]
+        inputs = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True,
+                                padding_side="left")
         generation_kwargs.setdefault("max_new_tokens", 128)
         sequences = self.generate(**inputs, images=images, **generation_kwargs)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def prompt(self, question: str) -> str:
+        """The prompt of ``question`` about one image, in the engine's template (the RPN's by default)."""
+        return self.prompt_template.render(question, self.processor)
 
     # -- helpers -----------------------------------------------------------------------------------
 
     def _options(self, threshold, strategy) -> RoIOptions:
         if threshold is None and strategy is None:
             return self.options
-        changes = {"threshold": self.options.threshold if threshold is None else threshold,
-                   "strategy": self.options.strategy if strategy is None else strategy}
+        resolved = self.options.threshold if threshold is None else self.rpn.resolve_threshold(threshold)
+        changes = {"threshold": resolved, "strategy": self.options.strategy if strategy is None else strategy}
         return RoIOptions(**{**self.options.__dict__, **changes})
 
-    def _prompt(self, question: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return DEFAULT_PROMPT.format(question=question)
+    def _warn_on_geometry(self) -> None:
+        """A processor whose base view differs from the one the RPN was trained on shifts every map."""
+        trained, used = self.rpn.geometry, self.adapter.geometry.mode
+        if trained is not None and used != trained:
+            warnings.warn(f"the RPN was trained on {trained!r} base views but the processor makes {used!r} views "
+                          f"(image_processor.do_pad = {trained == 'pad'} matches it); its RoI maps may be off",
+                          stacklevel=3)
+
+    def _check_image_start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Warns once when the prompts' image tokens do not start where the RPN's training prompts had
+        them: a sign of another conversation template, which the RPN's query token was not trained on."""
+        trained = self.rpn.config.get("image_start")
+        if trained is None or self._warned_image_start:
+            return
+        found = sorted(set(image_starts(input_ids, attention_mask, self.adapter.image_token_id)) - {trained})
+        if found:
+            self._warned_image_start = True
+            warnings.warn(f"the prompts' image tokens start at index {found[0]}, but the RPN was trained with "
+                          f"them at {trained} (template {self.rpn.prompt_template.name!r}); build prompts with "
+                          f"engine.prompt(question) or its RoI maps may be wrong", stacklevel=3)
+
+
+def image_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> list[int]:
+    """Per row holding an image, the index of its first image token among the row's real tokens
+    (left padding does not count)."""
+    ids = input_ids.cpu()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    is_image = (ids == image_token_id) & real
+    first = is_image.int().argmax(dim=1, keepdim=True)
+    starts = (real.long().cumsum(dim=1) - 1).gather(1, first).flatten()
+    return starts[is_image.any(dim=1)].tolist()

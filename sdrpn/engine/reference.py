@@ -10,8 +10,8 @@ only the model adapter, the RPN module and the decode loop.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -33,9 +33,10 @@ class ReferenceRoI:
     Attributes:
         prob: (H, W) float64 blurred probabilities.
         boxes: kept component boxes ``[x0, y0, x1, y1)`` on the grid (grown when small).
-        cells: (H, W) bool RoI cells.
+        cells: (H, W) bool cells of the original view that the second view shows.
         mode: "none", "box" or "mask".
-        square: ``(x0, y0, side)`` of the source-pixel crop, or None.
+        region: the grid box ``[x0, y0, x1, y1)`` the second view is cut from, or None.
+        crop: ``(x0, y0, width, height)`` of the source-pixel rectangle, or None.
         keep: (H * W,) bool tokens of the RoI view that enter stage 2, or None.
     """
 
@@ -43,100 +44,113 @@ class ReferenceRoI:
     boxes: list
     cells: np.ndarray
     mode: str
-    square: tuple | None = None
+    region: tuple | None = None
+    crop: tuple | None = None
     keep: np.ndarray | None = None
 
 
-def _components(prob: np.ndarray, options: RoIOptions):
-    """Kept component boxes and RoI cells, with scikit-image."""
-    from skimage.measure import label, regionprops
+def _components(labels: np.ndarray, prob: np.ndarray, options: RoIOptions):
+    """Kept component boxes and the labels of the kept components, with scikit-image."""
+    from skimage.measure import regionprops
 
     height, width = prob.shape
-    labels = label(prob > options.threshold, connectivity=2 if options.connectivity == 8 else 1)
-    boxes, cells = [], np.zeros(prob.shape, dtype=bool)
     regions = [r for r in regionprops(labels, intensity_image=prob) if options.drop_area < r.area <= options.max_area]
     if options.max_regions is not None:  # the strongest peaks; sorted() is stable, so ties keep label order
         strongest = sorted(regions, key=lambda r: -r.intensity_max)[:options.max_regions]
         regions = sorted(strongest, key=lambda r: r.label)
+    boxes = []
     for region in regions:
         y0, x0, y1, x1 = region.bbox
-        cells |= labels == region.label
-        if region.area < options.min_area:  # too small to read: a grow_to x grow_to box around its centre
-            x0, x1 = _grow((x0 + x1 - 1) // 2, options.grow_to, width)
-            y0, y1 = _grow((y0 + y1 - 1) // 2, options.grow_to, height)
-            cells[y0:y1, x0:x1] = True
+        if region.area < options.min_area:  # too small to read: widened as the authors widen it
+            x0, x1 = _widen(x0, x1, width, options.grow_to)
+            y0, y1 = _widen(y0, y1, height, options.grow_to)
         boxes.append((x0, y0, x1, y1))
-    return boxes, cells
+    return boxes, [region.label for region in regions]
 
 
-def _grow(centre: int, size: int, extent: int) -> tuple[int, int]:
-    if size >= extent:
-        return 0, extent
-    start = min(max(centre - size // 2, 0), extent - size)
-    return start, start + size
+def _widen(start: int, stop: int, extent: int, minimum: int) -> tuple[int, int]:
+    """The authors' widening of a small component's extent ``[start, stop)``: a span of
+    ``max(minimum, stop - start + 1)`` around its midpoint, both ends truncated toward zero, the
+    start kept >= 0 and the end <= extent - 1 (``LLaVA/llava/ana_utils.py`` ~795-803)."""
+    middle, span = (start + stop) / 2, max(minimum, stop - start + 1)
+    return max(0, int(middle - span / 2)), min(extent - 1, int(middle + span / 2))
 
 
-def _square(box, width: int, height: int) -> tuple[int, int, int]:
-    """The square crop around a source-pixel box (see ``sdrpn.models.geometry.square_crop_boxes``)."""
-    x0, y0, x1, y1 = math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])
-    side = max(x1 - x0, y1 - y0, 1)
+def _enclosing(cells: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(cells)
+    return (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
 
-    def place(start, extent, limit):
-        if side > limit:
-            return -((side - limit) // 2)
-        return min(max(start - (side - extent) // 2, 0), limit - side)
 
-    return place(x0, x1 - x0, width), place(y0, y1 - y0, height), side
+def _source_rectangle(region, image_size, geometry, grid) -> tuple[int, int, int, int]:
+    """``(x0, y0, width, height)`` of a grid box in source pixels: the authors' mapping in float32
+    (see ``ImageGeometry.crop_map``), clamped, truncated, at least one pixel."""
+    pad_x, ratio_x, pad_y, ratio_y = (np.float32(v) for v in geometry.crop_map(image_size))
+    cell_w = np.float32(geometry.input_size[1] / grid[1])
+    cell_h = np.float32(geometry.input_size[0] / grid[0])
+    width, height = image_size
+    xs = [int(min(max((np.float32(v) * cell_w - pad_x) / ratio_x, 0), width)) for v in region[0::2]]
+    ys = [int(min(max((np.float32(v) * cell_h - pad_y) / ratio_y, 0), height)) for v in region[1::2]]
+    x0, y0 = min(xs[0], width - 1), min(ys[0], height - 1)
+    return x0, y0, max(xs[1], x0 + 1) - x0, max(ys[1], y0 + 1) - y0
+
+
+def _bilinear_keep(cells: np.ndarray, region, grid) -> np.ndarray:
+    """(H * W,) bool: the region's cells resized bilinearly (half-pixel centres, edges clamped) to
+    the grid, above one half, in exact fractions."""
+    x0, y0, x1, y1 = region
+    cut = cells[y0:y1, x0:x1].astype(int)
+
+    def taps(length, out):
+        result = []
+        for i in range(out):
+            source = max(Fraction(length * (2 * i + 1) - out, 2 * out), Fraction(0))
+            first = min(int(source), length - 1)
+            weight = min(max(source - first, Fraction(0)), Fraction(1))
+            result.append((first, min(first + 1, length - 1), 1 - weight, weight))
+        return result
+
+    keep = np.zeros(grid, dtype=bool)
+    for row, (r0, r1, wr0, wr1) in enumerate(taps(cut.shape[0], grid[0])):
+        for col, (c0, c1, wc0, wc1) in enumerate(taps(cut.shape[1], grid[1])):
+            value = (wr0 * (wc0 * cut[r0, c0] + wc1 * cut[r0, c1]) + wr1 * (wc0 * cut[r1, c0] + wc1 * cut[r1, c1]))
+            keep[row, col] = value > Fraction(1, 2)
+    return keep.reshape(-1)
 
 
 def reference_roi(logits: np.ndarray, image: Image.Image, adapter: ModelAdapter, options: RoIOptions) -> ReferenceRoI:
     """Post-processes one RPN map on the CPU (scikit-image) and places the RoI view."""
     from skimage.filters import gaussian
+    from skimage.measure import label
 
     grid = adapter.image_grid
-    geometry = adapter.geometry
     prob = 1.0 / (1.0 + np.exp(-logits.reshape(grid).astype(np.float64)))
     if options.blur:  # 3x3 Gaussian, sigma 1, mirrored edges
         prob = gaussian(prob, sigma=1.0, mode="mirror", truncate=1.0, preserve_range=True)
-    boxes, cells = _components(prob, options)
+    mask = prob > options.threshold
+    labels = label(mask, connectivity=2 if options.connectivity == 8 else 1)
+    boxes, kept = _components(labels, prob, options)
+    empty = np.zeros(grid, dtype=bool)
     if options.strategy == "none" or not boxes:
-        return ReferenceRoI(prob=prob, boxes=boxes, cells=cells, mode="none")
-    mode = "mask" if options.strategy == "mask" and len(boxes) > 1 else "box"
-    rows, cols = np.nonzero(cells)
-    region = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
-
-    transform = geometry.transform(image.size)
-    width, height = image.size
-    cell_w, cell_h = geometry.input_size[1] / grid[1], geometry.input_size[0] / grid[0]
-    view_box = (region[0] * cell_w, region[1] * cell_h, region[2] * cell_w, region[3] * cell_h)
-    x0, y0, x1, y1 = transform.view_to_source(view_box)
-    source_box = (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-                  min(max(x1, 0.0), width), min(max(y1, 0.0), height))
-    square = _square(source_box, width, height)
-
-    if mode == "box":
-        keep = np.ones(grid[0] * grid[1], dtype=bool)
-    else:  # a token is kept when its patch centre lies inside the image on a RoI cell
-        (a_x, a_y), (b_x, b_y) = transform.scale, transform.offset
-        keep = np.zeros(grid, dtype=bool)
-        for row in range(grid[0]):
-            for col in range(grid[1]):
-                source_x = square[0] + ((col + 0.5) * cell_w) * (square[2] / geometry.input_size[1])
-                source_y = square[1] + ((row + 0.5) * cell_h) * (square[2] / geometry.input_size[0])
-                cell_x = math.floor((source_x - b_x) / a_x / cell_w)
-                cell_y = math.floor((source_y - b_y) / a_y / cell_h)
-                keep[row, col] = (0 <= source_x < width and 0 <= source_y < height
-                                  and 0 <= cell_x < grid[1] and 0 <= cell_y < grid[0] and cells[cell_y, cell_x])
-        keep = keep.reshape(-1)
-    return ReferenceRoI(prob=prob, boxes=boxes, cells=cells, mode=mode, square=square, keep=keep)
+        return ReferenceRoI(prob=prob, boxes=boxes, cells=empty, mode="none")
+    if options.strategy == "mask" and len(boxes) > 1:
+        # The box around the whole mask (the chosen components' cells with max_regions).
+        mode, cells = "mask", mask if options.max_regions is None else np.isin(labels, kept)
+        region = _enclosing(cells)
+    else:
+        mode = "box"
+        region = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        cells = empty.copy()
+        cells[region[1]:region[3], region[0]:region[2]] = True
+    crop = _source_rectangle(region, image.size, adapter.geometry, grid)
+    keep = np.ones(grid[0] * grid[1], dtype=bool) if mode == "box" else _bilinear_keep(cells, region, grid)
+    return ReferenceRoI(prob=prob, boxes=boxes, cells=cells, mode=mode, region=region, crop=crop, keep=keep)
 
 
-def _crop(image: Image.Image, square, pad_color) -> Image.Image:
-    """The square crop as a PIL image; parts beyond the image show the pad colour."""
-    x0, y0, side = square
-    canvas = Image.new("RGB", (side, side), tuple(pad_color))
-    canvas.paste(Image.fromarray(to_rgb_array(image)), (-x0, -y0))
-    return canvas
+def _roi_view(image: Image.Image, crop, input_size) -> Image.Image:
+    """The crop stretched to the vision input with PIL's bilinear filter, as the authors make it."""
+    x0, y0, width, height = crop
+    rgb = Image.fromarray(to_rgb_array(image))
+    return rgb.crop((x0, y0, x0 + width, y0 + height)).resize((input_size[1], input_size[0]), Image.BILINEAR)
 
 
 def reference_generate(
@@ -175,8 +189,8 @@ def reference_generate(
         # tower, [prefix | RoI tokens | question] through every layer.
         views = pixel_values[sample : sample + 1]
         if roi.mode != "none":
-            crop = _crop(images[sample], roi.square, adapter.geometry.pad_color)
-            crop_view = image_processor(crop, return_tensors="pt")["pixel_values"]
+            view = _roi_view(images[sample], roi.crop, adapter.geometry.input_size)
+            crop_view = image_processor(view, return_tensors="pt")["pixel_values"]
             views = torch.cat([views, crop_view.to(device=views.device, dtype=views.dtype)])
         features = adapter.encode_images(views)
         embeds = adapter.embed(ids, image_features=features[:1]).inputs_embeds

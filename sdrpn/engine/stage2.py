@@ -27,7 +27,7 @@ import torch
 
 from .. import ops
 from ..models.base import ModelAdapter
-from ..roi import SourceImages, region_squares, roi_token_keep, roi_views
+from ..roi import SourceImages, region_crops, roi_token_keep, roi_views
 from .layout import PromptLayout
 from .stage1 import Stage1
 
@@ -60,13 +60,13 @@ class RoITokens:
     Attributes:
         embeds: (B, C, hidden) RoI token features, zeros beyond each row's length.
         lengths: (B,) int64 tokens kept per row.
-        squares: (B, 3) int64 source-pixel crop ``[x0, y0, side]`` of each view.
+        crops: (B, 4) int64 source-pixel rectangle ``[x0, y0, width, height]`` of each view.
         keep: (B, C) bool which tokens of the view were kept (before packing).
     """
 
     embeds: torch.Tensor
     lengths: torch.Tensor
-    squares: torch.Tensor
+    crops: torch.Tensor
     keep: torch.Tensor
 
 
@@ -78,12 +78,12 @@ def roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImages, syn
     small copy on a GPU).
     """
     grid, geometry = adapter.image_grid, adapter.geometry
-    squares = region_squares(stage1.proposal, sources, geometry, grid)
-    features = adapter.encode_images(roi_views(squares, sources, geometry))
-    keep = roi_token_keep(stage1.proposal, squares, sources, geometry, grid)
+    crops = region_crops(stage1.proposal, sources, geometry, grid)
+    features = adapter.encode_images(roi_views(crops, sources, geometry))
+    keep = roi_token_keep(stage1.proposal, grid)
     capacity = features.shape[1] if sync_free else int(keep.sum(dim=1).max())
     embeds, lengths = ops.pack_tokens_padded(features, keep, capacity)
-    return RoITokens(embeds=embeds, lengths=lengths, squares=squares, keep=keep)
+    return RoITokens(embeds=embeds, lengths=lengths, crops=crops, keep=keep)
 
 
 def continue_prefill(adapter: ModelAdapter, stage1: Stage1, layout: PromptLayout, start_layer: int) -> Prefill:

@@ -2,7 +2,9 @@
 
 One :class:`sdrpn.SDRPN` engine serves every method (``sdrpn``, ``baseline``, ``sdrpn-reference``,
 ``res-scaling``, ``vicrop``, and any registered later), so all of them share the same prompt
-format, decode loop and greedy decoding.
+template (the RPN's unless told otherwise: the methods compare on the same prompts), decode loop and
+greedy decoding. Prompts are padded on the left whatever the processor's tokenizer says, so that a
+batch answers exactly as its questions one by one.
 """
 
 from __future__ import annotations
@@ -43,14 +45,25 @@ def check_methods(names: Sequence[str], has_rpn: bool) -> None:
 
 
 def build_engine(model, processor, rpn, threshold: float | None = None, strategy: str = "mask",
-                 max_regions: int | None = None):
+                 max_regions: int | None = None, prompt: str | None = None):
     """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` the
-    ``max_regions`` strongest RoI components (None: all)."""
+    ``max_regions`` strongest RoI components (None: all), with the ``prompt`` template (None: the RPN's)."""
     from ..engine import SDRPN
     from ..roi import RoIOptions
 
     return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold,
-                 roi_options=RoIOptions(max_regions=max_regions))
+                 roi_options=RoIOptions(max_regions=max_regions), prompt=prompt)
+
+
+def resolve_threshold(rpn, threshold: float | str | None, option: str = "--threshold") -> float | None:
+    """``--threshold`` as a number: ``calibrated`` becomes the RPN's calibrated threshold; a number
+    or None (the engine's default) is kept."""
+    if threshold is None or not isinstance(threshold, str):
+        return threshold
+    try:
+        return rpn.resolve_threshold(threshold)
+    except ValueError as exc:
+        raise UserError(f"{option} {threshold}: {exc}") from None
 
 
 def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
@@ -95,7 +108,7 @@ class EnginePredictor:
     @property
     def settings(self) -> dict:
         """The options that change this method's answers (recorded with its predictions)."""
-        settings = {"method_options": {"greedy": True}}
+        settings = {"method_options": {"greedy": True}, "prompt": self.engine.prompt_template.name}
         if self.method in RPN_METHODS:
             settings.update(threshold=self.threshold if self.threshold is not None else self.engine.options.threshold,
                             strategy=self.engine.options.strategy)
@@ -106,8 +119,9 @@ class EnginePredictor:
     def _generate(self, images: list, prompts: list[str], **kwargs) -> tuple[object, int, float]:
         import torch
 
-        texts = [self.engine._prompt(prompt) for prompt in prompts]
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        texts = [self.engine.prompt(prompt) for prompt in prompts]
+        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True,
+                                padding_side="left")
         device = self.engine.adapter.device
         inputs = {name: value.to(device) for name, value in inputs.items() if torch.is_tensor(value)}
         start = time.perf_counter()

@@ -162,10 +162,13 @@ class ModelAdapter(abc.ABC):
     ``num_heads``, ``num_kv_heads``, ``head_dim``, ``image_grid`` ((H, W) image tokens per view),
     ``image_token_id``, ``vision_input_size`` ((H, W) pixels of one view), ``rpn_uses_rope``
     (whether the RPN head applies rotary embeddings to its q/k; False for LLaVA), ``device``,
-    ``dtype``, ``geometry`` (the processor's image geometry, :class:`sdrpn.models.geometry.ImageGeometry`).
+    ``dtype``, ``geometry`` (the processor's image geometry, :class:`sdrpn.models.geometry.ImageGeometry`),
+    ``default_prompt_template`` (the :mod:`sdrpn.prompts` preset the family's checkpoints were trained
+    and evaluated with: what labelling uses unless told otherwise).
     """
 
     family: str
+    default_prompt_template: str
 
     def __init__(self, model: nn.Module, processor=None):
         self.model = model
@@ -227,6 +230,12 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def config_fingerprint(self) -> dict:
         """The language-model facts an RPN checkpoint must match (JSON-serialisable)."""
+
+    @staticmethod
+    def set_processor_geometry(processor, mode: str) -> bool:
+        """Makes ``processor`` build its base views in ``mode`` ("pad" or "crop", see
+        :mod:`sdrpn.models.geometry`); returns whether anything changed. ``processor`` is changed in place."""
+        raise NotImplementedError("this model family cannot change its processor's geometry")
 
     # -- vision ------------------------------------------------------------------------------------
 

@@ -12,13 +12,12 @@ Both are an axis-aligned affine map per axis (resampling maps pixel edges linear
 ``v`` comes from source pixel ``a * v + b``; :class:`ViewTransform` holds ``(a, b)`` per axis and maps
 token-grid boxes to source pixels exactly.
 
-RoI views. A RoI (a box on the token grid) becomes a square region of source pixels centred on the
-box's source extent (side = its longer side, shifted to lie inside the image where possible; parts
-outside the image are the processor's pad colour), resized to ``input_size``. A square keeps the
-aspect ratio, shows real context instead of padding, and is exactly what the processor itself makes
-of that square crop. :func:`resample_views` does the resize on the device with the arithmetic of
-PIL's resampling (fixed-point coefficients, horizontal pass then vertical, rounding to 8 bits after
-each), so the fast path reproduces ``processor(image.crop(...))`` bit for bit on the CPU.
+RoI views. A RoI (a box on the token grid) becomes a rectangle of source pixels
+(:meth:`ImageGeometry.crop_map`, the SD-RPN authors' mapping) stretched to ``input_size`` with
+bilinear resampling, as their release does. :func:`resample_views` does the resize on the device
+with the arithmetic of PIL's resampling (fixed-point coefficients, horizontal pass then vertical,
+rounding to 8 bits after each), so the fast path reproduces ``image.crop(...).resize(...)`` bit for
+bit on the CPU. :func:`square_crop_boxes` makes aspect-keeping square crops (ViCrop's views).
 """
 
 from __future__ import annotations
@@ -33,13 +32,15 @@ import torch
 __all__ = [
     "ImageGeometry",
     "ViewTransform",
+    "PIL_BILINEAR",
+    "PIL_BICUBIC",
     "to_rgb_array",
     "square_crop_boxes",
     "resample_views",
 ]
 
-_PIL_BILINEAR, _PIL_BICUBIC = 2, 3
-_FILTER_SUPPORT = {_PIL_BILINEAR: 1.0, _PIL_BICUBIC: 2.0}
+PIL_BILINEAR, PIL_BICUBIC = 2, 3
+_FILTER_SUPPORT = {PIL_BILINEAR: 1.0, PIL_BICUBIC: 2.0}
 _PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit resampling
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -127,7 +128,7 @@ class ImageGeometry:
     mode: str
     input_size: tuple[int, int]
     shortest_edge: int
-    resample: int = _PIL_BICUBIC
+    resample: int = PIL_BICUBIC
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     rescale_factor: float = 1 / 255
@@ -168,13 +169,14 @@ class ImageGeometry:
         if height is None or width is None:
             raise ValueError(f"cannot read the view size from the image processor (size={size}, crop_size={crop})")
         shortest_edge = _size_value(size, "shortest_edge")
-        if getattr(image_processor, "do_pad", False):
+        # Only LLaVA's image processor pads to a square; elsewhere do_pad pads a batch to one size.
+        if getattr(image_processor, "do_pad", False) and hasattr(image_processor, "pad_to_square"):
             mode = "pad"
         elif shortest_edge is not None:
             mode = "crop"
         else:
             raise ValueError(f"unsupported image processor geometry: size={size}, do_pad=False, no shortest_edge")
-        resample = getattr(image_processor, "resample", _PIL_BICUBIC)
+        resample = getattr(image_processor, "resample", PIL_BICUBIC)
         resample = int(getattr(resample, "value", resample))
         return cls(
             mode=mode,
@@ -201,9 +203,7 @@ class ImageGeometry:
             canvas_w = canvas_h = side
         else:
             pad_x = pad_y = 0
-            short, long = min(width, height), max(width, height)
-            resized_short, resized_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            resized_w, resized_h = (resized_short, resized_long) if width <= height else (resized_long, resized_short)
+            resized_w, resized_h = self._short_side_resized(width, height)
             canvas_w, canvas_h = width, height
         crop_x, crop_y = (resized_w - view_w) // 2, (resized_h - view_h) // 2
         scale_x, scale_y = canvas_w / resized_w, canvas_h / resized_h
@@ -213,6 +213,35 @@ class ImageGeometry:
             scale=(scale_x, scale_y),
             offset=(crop_x * scale_x - pad_x, crop_y * scale_y - pad_y),
         )
+
+    def crop_map(self, source_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """``(pad_x, ratio_x, pad_y, ratio_y)``: view pixel ``v`` shows source pixel ``(v - pad) / ratio``.
+
+        This is how the SD-RPN authors map a RoI back to the source image (``get_bbox4src`` in
+        ``LLaVA/llava/ana_utils.py`` ~681-740, YuHengsss/SD-RPN 00876ac): in "pad" mode the scale is
+        ``min(view / side)`` and the padding is half of what ``int(side * scale)`` leaves of the view
+        (a fraction of a pixel off the exact inverse of ``expand2square``, which is what their crops
+        follow). "crop" mode, which they never use, gets the same form with the exact centre crop.
+        """
+        width, height = source_size
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        view_h, view_w = self.input_size
+        if self.mode == "pad":
+            ratio = min(view_w / width, view_h / height)
+            return ((view_w - int(width * ratio)) / 2, ratio, (view_h - int(height * ratio)) / 2, ratio)
+        resized_w, resized_h = self._short_side_resized(width, height)
+        return (-((resized_w - view_w) // 2), resized_w / width, -((resized_h - view_h) // 2), resized_h / height)
+
+    def _short_side_resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after "crop" mode's resize of the short side to ``shortest_edge``."""
+        short, long = min(width, height), max(width, height)
+        resized_short, resized_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (resized_short, resized_long) if width <= height else (resized_long, resized_short)
+
+    def crop_maps_tensor(self, source_sizes, device=None) -> torch.Tensor:
+        """(B, 4) float32 ``[pad_x, ratio_x, pad_y, ratio_y]`` of :meth:`crop_map` per ``(width, height)``."""
+        return torch.tensor([self.crop_map(tuple(size)) for size in source_sizes], dtype=torch.float32, device=device)
 
     def transforms_tensor(self, source_sizes, device=None) -> torch.Tensor:
         """(B, 4) float64 ``[a_x, b_x, a_y, b_y]`` of the view transforms of ``(width, height)`` sizes."""
@@ -265,7 +294,7 @@ def square_crop_boxes(source_boxes: torch.Tensor, source_sizes: torch.Tensor) ->
         source_sizes: (..., 2) int ``(width, height)`` of each box's image (broadcastable).
 
     Returns:
-        (..., 3) int64 ``[x0, y0, side]`` with ``side >= 1``.
+        (..., 4) int64 crops ``[x0, y0, side, side]`` (``[x0, y0, width, height]``) with ``side >= 1``.
     """
     x0 = torch.floor(source_boxes[..., 0]).long()
     y0 = torch.floor(source_boxes[..., 1]).long()
@@ -280,7 +309,7 @@ def square_crop_boxes(source_boxes: torch.Tensor, source_sizes: torch.Tensor) ->
         centred = -((side - limit) // 2)
         return torch.where(side <= limit, inside, centred)
 
-    return torch.stack([place(x0, x1 - x0, width), place(y0, y1 - y0, height), side], dim=-1)
+    return torch.stack([place(x0, x1 - x0, width), place(y0, y1 - y0, height), side, side], dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +319,7 @@ def square_crop_boxes(source_boxes: torch.Tensor, source_sizes: torch.Tensor) ->
 
 def _filter(resample: int, x: torch.Tensor) -> torch.Tensor:
     x = x.abs()
-    if resample == _PIL_BILINEAR:
+    if resample == PIL_BILINEAR:
         return (1.0 - x).clamp_min(0.0)
     a = -0.5  # PIL's bicubic
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
@@ -305,10 +334,10 @@ def max_taps(resample: int, max_side: int, out_size: int) -> int:
 
 
 def _coefficients(resample: int, side: torch.Tensor, out_size: int, taps: int):
-    """PIL's fixed-point resampling coefficients for squares of ``side`` pixels (any shape S).
+    """PIL's fixed-point resampling coefficients along an axis of ``side`` input pixels (any shape S).
 
     Returns ``(first, weights)``: (S..., out) int64 first input index of each output pixel
-    (relative to the square) and (S..., out, taps) int64 weights in units of 2**-22 (zero beyond
+    (relative to the crop) and (S..., out, taps) int64 weights in units of 2**-22 (zero beyond
     the output pixel's window), computed in float64 exactly as PIL's ``precompute_coeffs``.
     """
     side_f = side.to(torch.float64)[..., None]
@@ -350,6 +379,8 @@ def _horizontal_pass(values: torch.Tensor, index: torch.Tensor, weights: torch.T
     batch, channels, rows, _ = values.shape
     outputs, taps = index.shape[1:]
     samples = torch.arange(batch, device=values.device)[:, None]
+    if rows == 0:  # a crop that lies wholly outside its image: only pad rows
+        return values.new_zeros(batch, channels, 0, outputs)
     flat = index.reshape(batch, outputs * taps)
     chunk = max(1, _GATHER_CHUNK // (channels * outputs * taps))
     parts = []
@@ -376,58 +407,58 @@ def _vertical_pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Ten
 def resample_views(
     sources: torch.Tensor,
     source_sizes: torch.Tensor,
-    squares: torch.Tensor,
+    crops: torch.Tensor,
     out_size: tuple[int, int],
     resample: int,
     pad_color: tuple[int, int, int],
     max_side: int,
 ) -> torch.Tensor:
-    """Crops a square from each source image and resizes it, as PIL does: (B, 3, H_out, W_out) uint8.
+    """Crops a rectangle from each source image and resizes it, as PIL does: (B, 3, H_out, W_out) uint8.
 
-    Static shapes, no host synchronisation: the crop position and side are device tensors. The
+    Static shapes, no host synchronisation: the crop position and size are device tensors. The
     arithmetic is PIL's (32-bit fixed point, horizontal pass then vertical, 8-bit rounding after
-    each), so the result equals ``canvas.resize(out_size)`` of the square crop bit for bit.
+    each), so the result equals ``image.crop(box).resize(out_size)`` bit for bit.
 
     Args:
         sources: (B, 3, H_max, W_max) uint8 source images, top-left aligned (padding unused).
         source_sizes: (B, 2) int64 ``(width, height)`` of each image.
-        squares: (B, 3) int64 ``[x0, y0, side]`` (see :func:`square_crop_boxes`).
+        crops: (B, 4) int64 ``[x0, y0, width, height]`` in source pixels, at least 1 x 1; parts
+            outside the image show ``pad_color``.
         out_size: (height, width) of the views.
         resample: PIL filter id.
         pad_color: RGB colour of pixels outside the image.
-        max_side: an upper bound of ``side`` (sets the static number of taps).
+        max_side: an upper bound of the crops' width and height (sets the static number of taps).
     """
     if sources.device.type == "cpu":
-        return _resample_windows(sources, source_sizes, squares, out_size, resample, pad_color)
-    return _resample_static(sources, source_sizes, squares, out_size, resample, pad_color, max_side)
+        return _resample_windows(sources, source_sizes, crops, out_size, resample, pad_color)
+    return _resample_static(sources, source_sizes, crops, out_size, resample, pad_color, max_side)
 
 
-def _resample_windows(sources, source_sizes, squares, out_size, resample, pad_color) -> torch.Tensor:
-    """CPU path: each sample resampled from the window of its square only (reading the squares is
-    free on the CPU). Pixels outside the window are never read, so the result is the same."""
+def _resample_windows(sources, source_sizes, crops, out_size, resample, pad_color) -> torch.Tensor:
+    """CPU path: each sample resampled from the window of its crop only (reading the crops is free
+    on the CPU). Pixels outside the window are never read, so the result is the same."""
     views = []
-    for source, (width, height), (x0, y0, side) in zip(sources, source_sizes.tolist(), squares.tolist()):
+    for source, (width, height), (x0, y0, crop_w, crop_h) in zip(sources, source_sizes.tolist(), crops.tolist()):
         left, top = min(max(x0, 0), width), min(max(y0, 0), height)
-        right, bottom = max(min(x0 + side, width), left), max(min(y0 + side, height), top)
+        right, bottom = max(min(x0 + crop_w, width), left), max(min(y0 + crop_h, height), top)
         window = source[None, :, top:bottom, left:right]
         views.append(_resample_static(
-            window, torch.tensor([[right - left, bottom - top]]), torch.tensor([[x0 - left, y0 - top, side]]),
-            out_size, resample, pad_color, side,
+            window, torch.tensor([[right - left, bottom - top]]), torch.tensor([[x0 - left, y0 - top, crop_w, crop_h]]),
+            out_size, resample, pad_color, max(crop_w, crop_h),
         ))
     return torch.cat(views)
 
 
-def _resample_static(sources, source_sizes, squares, out_size, resample, pad_color, max_side) -> torch.Tensor:
+def _resample_static(sources, source_sizes, crops, out_size, resample, pad_color, max_side) -> torch.Tensor:
     """The static-shape resampling of :func:`resample_views` (every row of every image is passed)."""
     device = sources.device
     batch = sources.shape[0]
     out_h, out_w = out_size
-    side = squares[:, 2]
     taps_x, taps_y = max_taps(resample, max_side, out_w), max_taps(resample, max_side, out_h)
-    first_x, weights_x = _coefficients(resample, side, out_w, taps_x)
-    first_y, weights_y = _coefficients(resample, side, out_h, taps_y)
-    index_x = squares[:, 0, None, None] + first_x[..., None] + torch.arange(taps_x, device=device)
-    index_y = squares[:, 1, None, None] + first_y[..., None] + torch.arange(taps_y, device=device)
+    first_x, weights_x = _coefficients(resample, crops[:, 2], out_w, taps_x)
+    first_y, weights_y = _coefficients(resample, crops[:, 3], out_h, taps_y)
+    index_x = crops[:, 0, None, None] + first_x[..., None] + torch.arange(taps_x, device=device)
+    index_y = crops[:, 1, None, None] + first_y[..., None] + torch.arange(taps_y, device=device)
     index_x = _with_pad(index_x, source_sizes[:, 0])  # (B, W_out, taps) into [pad | columns]
     index_y = _with_pad(index_y, source_sizes[:, 1])  # (B, H_out, taps) into [pad row | rows]
 

@@ -16,10 +16,12 @@ class LlavaAdapter(ModelAdapter):
 
     One image per sample, with ``image_length`` placeholder tokens in the prompt (the llava-hf
     processor's layout). The RPN head scores without rotary embeddings, as the authors' LLaVA RPN.
+    Prompts default to LLaVA-1.5's conversation template, ``vicuna_v1``.
     """
 
     family = "llava"
     rpn_uses_rope = False
+    default_prompt_template = "vicuna_v1"
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
@@ -77,6 +79,22 @@ class LlavaAdapter(ModelAdapter):
             "vocab_size": text.vocab_size,
             "image_grid": list(self.image_grid),
         }
+
+    @staticmethod
+    def set_processor_geometry(processor, mode: str) -> bool:
+        """Pads to a square (``"pad"``, the original LLaVA's ``expand2square``) or centre-crops
+        (``"crop"``) through the image processor's ``do_pad``. A CLIP image processor has no
+        pad-to-square step (its ``do_pad`` pads a batch to one size): for ``"pad"`` it is replaced
+        by the LLaVA image processor of the same settings."""
+        if mode not in ("pad", "crop"):
+            raise ValueError(f"geometry must be 'pad' or 'crop', got {mode!r}")
+        image_processor = processor.image_processor
+        if ImageGeometry.from_processor(image_processor, (0, 0)).mode == mode:
+            return False
+        if mode == "pad" and not hasattr(image_processor, "pad_to_square"):
+            processor.image_processor = _llava_image_processor(image_processor)
+        processor.image_processor.do_pad = mode == "pad"
+        return True
 
     # -- vision ------------------------------------------------------------------------------------
 
@@ -149,3 +167,15 @@ class LlavaAdapter(ModelAdapter):
             image_start=image_start,
             image_length=self.image_length,
         )
+
+
+def _llava_image_processor(image_processor):
+    """The LLaVA image processor (which can pad to a square) with ``image_processor``'s settings,
+    on the same backend (PIL or torchvision)."""
+    import transformers
+
+    settings = {key: value for key, value in image_processor.to_dict().items()
+                if key not in ("image_processor_type", "processor_class")}
+    pil = getattr(transformers, "LlavaImageProcessorPil", None)
+    on_pil = pil is not None and type(image_processor).__name__.endswith("Pil")
+    return (pil if on_pil else transformers.LlavaImageProcessor)(**settings)

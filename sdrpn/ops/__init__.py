@@ -111,9 +111,11 @@ def component_boxes(
 
     * ``a <= drop_area``: dropped as noise;
     * ``a > max_area``: dropped as too large;
-    * ``a < min_area``: the box becomes ``grow_to`` x ``grow_to`` around the box's centre cell
-      ``((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2)``, shifted (not cut) to lie inside the grid, or
-      the whole extent of a dimension shorter than ``grow_to``.
+    * ``a < min_area``: the box grows by the authors' rule (YuHengsss/SD-RPN commit 00876ac,
+      ``LLaVA/llava/ana_utils.py`` ~795-803): per axis, with ``w = max(grow_to, x1 - x0 + 1)``, it
+      becomes ``[max(0, trunc((x0 + x1 - w) / 2)), min(W - 1, trunc((x0 + x1 + w) / 2)))``, rows
+      alike with H. The end is clamped at ``W - 1``, so at the right or bottom border the box can
+      be narrow and miss the component's last column or row.
 
     Kept components fill the slots in label order; those beyond M are counted in ``overflow``.
 
@@ -122,7 +124,7 @@ def component_boxes(
         max_components: number of slots M >= 1.
         drop_area: components with at most this many pixels are dropped (>= 0).
         min_area: components with fewer pixels get a grown box.
-        grow_to: side of a grown box (>= 1).
+        grow_to: minimum width and height wanted for a grown box (>= 1).
         max_area: components with more pixels are dropped (>= 1).
 
     Returns:

@@ -160,12 +160,19 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Ten
     return labels.to(torch.int32).reshape(batch, height, width)
 
 
-def _grow_interval(centre: torch.Tensor, size: int, extent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[lo, hi)`` of length ``size`` starting at ``centre - size // 2``, shifted into ``[0, extent)``."""
-    if size >= extent:
-        return torch.zeros_like(centre), torch.full_like(centre, extent)
-    start = (centre - size // 2).clamp(0, extent - size)
-    return start, start + size
+def _grow_interval(
+    lo: torch.Tensor, hi: torch.Tensor, min_width: int, extent: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of the authors' growth of a small component's tight extent ``[lo, hi)``.
+
+    A window of width ``max(min_width, hi - lo + 1)`` centred on ``(lo + hi) / 2``, both ends
+    truncated toward zero, the start clamped at 0 and the end at ``extent - 1``. Twice each end is
+    an integer, so truncating integer division reproduces their float arithmetic exactly.
+    """
+    width = (hi - lo + 1).clamp(min=min_width)
+    start = (lo + hi - width).div(2, rounding_mode="trunc").clamp(min=0)
+    end = (lo + hi + width).div(2, rounding_mode="trunc").clamp(max=extent - 1)
+    return start, end
 
 
 def component_boxes(
@@ -181,9 +188,15 @@ def component_boxes(
     For each component c (label value in ``[1, H * W]``; other values count as background) with
     pixel area ``a`` and tight box ``[x0, y0, x1, y1)`` (x = column, y = row), in this order:
     ``a <= drop_area`` drops it (noise); ``a > max_area`` drops it (too large);
-    ``a < min_area`` replaces its box by a ``grow_to`` x ``grow_to`` box centred on the box's centre
-    cell, shifted (not cut) to lie inside the grid, or the whole extent of a dimension shorter than
-    ``grow_to``. Kept components fill the first slots in label order.
+    ``a < min_area`` grows its box as the authors do (YuHengsss/SD-RPN commit 00876ac,
+    ``LLaVA/llava/ana_utils.py``, ``get_bbox_from_noisy_map``, lines ~795-803): per axis, with the
+    wanted width ``w = max(grow_to, x1 - x0 + 1)``, the box becomes
+    ``[max(0, trunc((x0 + x1 - w) / 2)), min(W - 1, trunc((x0 + x1 + w) / 2)))``, and rows alike
+    with H. Their end is clamped at ``W - 1``, not ``W``: at the right or bottom border a grown box
+    can be narrow and even miss the component's last column or row. With the defaults (areas 2
+    and 3 grow) a grown box is 3 or 4 cells wide away from the borders, 2 or 3 at the left or top
+    border and 1 to 3 at the right or bottom one. Kept components fill the first slots in label
+    order.
 
     Args:
         labels: (B, H, W) int32 labels, e.g. from :func:`connected_components`.
@@ -216,8 +229,8 @@ def component_boxes(
 
     kept = (area > drop_area) & (area <= max_area)
     small = area < min_area
-    grown_x0, grown_x1 = _grow_interval((x0 + x1 - 1).div(2, rounding_mode="floor"), grow_to, width)
-    grown_y0, grown_y1 = _grow_interval((y0 + y1 - 1).div(2, rounding_mode="floor"), grow_to, height)
+    grown_x0, grown_x1 = _grow_interval(x0, x1, grow_to, width)
+    grown_y0, grown_y1 = _grow_interval(y0, y1, grow_to, height)
     box = torch.stack(
         [
             torch.where(small, grown_x0, x0),

@@ -160,10 +160,10 @@ def roi_inputs(images, components, geometry, grid, strategy: str):
         strategy: the engine's ``"box"`` or ``"mask"`` upscaling.
 
     Returns:
-        (B, 3, H, W) pixel values, (B, H * W) bool: the RoI tokens that enter stage 2, and (B, 3)
-        the crops ``[x0, y0, side]`` in source pixels.
+        (B, 3, H, W) pixel values, (B, H * W) bool: the RoI tokens that enter stage 2, and (B, 4)
+        the crops ``[x0, y0, width, height]`` in source pixels.
     """
-    from ..roi import RoIOptions, SourceImages, propose, region_squares, roi_token_keep, roi_views
+    from ..roi import RoIOptions, SourceImages, propose, region_crops, roi_token_keep, roi_views
 
     logits = torch.full((len(images), *grid), -_FORCED_LOGIT)
     for index, boxes in enumerate(components):
@@ -172,8 +172,8 @@ def roi_inputs(images, components, geometry, grid, strategy: str):
     options = RoIOptions(strategy=strategy, threshold=0.5, blur=False)
     proposal = propose(logits, grid, options)
     sources = SourceImages.from_pil(images, geometry, "cpu")
-    squares = region_squares(proposal, sources, geometry, grid)
-    return roi_views(squares, sources, geometry), roi_token_keep(proposal, squares, sources, geometry, grid), squares
+    crops = region_crops(proposal, sources, geometry, grid)
+    return roi_views(crops, sources, geometry), roi_token_keep(proposal, grid), crops
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Batch:
     pixel_values: torch.Tensor
     roi_pixel_values: torch.Tensor | None = None
     roi_keep: torch.Tensor | None = None
-    roi_squares: torch.Tensor | None = None
+    roi_crops: torch.Tensor | None = None
 
 
 def make_batch(data: QuestionSet, indices, mode: str, processor, geometry, grid,
@@ -206,6 +206,6 @@ def make_batch(data: QuestionSet, indices, mode: str, processor, geometry, grid,
             second = _second_component(rng, first, grid) if rng is not None else None
             boxes += [second] if second is not None else []
         components.append(boxes)
-    roi_pixel_values, keep, squares = roi_inputs(images, components, geometry, grid,
+    roi_pixel_values, keep, crops = roi_inputs(images, components, geometry, grid,
                                                  "mask" if mode == "mask" else "box")
-    return Batch(questions, pixel_values, roi_pixel_values, keep, squares)
+    return Batch(questions, pixel_values, roi_pixel_values, keep, crops)

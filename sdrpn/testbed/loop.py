@@ -13,6 +13,10 @@ Steps (each writes under the work directory and is skipped, or resumed, when run
 5. localisation: box IoU with the ground truth of the pseudo-labels (train questions) and of the
    RoIs of ``sdrpn`` and ``sdrpn-attention`` (test questions).
 
+The tiny model was trained with its processor's chat template, so heads and labels use that
+template (``--prompt processor``) and the RPNs record it; the evaluations use each RPN's calibrated
+RoI threshold (``--threshold calibrated``) unless a threshold is given.
+
 The ablation adds one change per row, as in the paper: the raw attention map; an RPN regressing
 the raw attention; the 3-valued labels instead; sink removal; masked upscaling. Rows before the
 last use box upscaling, the last is the default ``sdrpn``. The summary goes to ``testbed.json``.
@@ -33,6 +37,8 @@ from . import localisation
 __all__ = ["LoopOptions", "run_loop", "format_report", "MAIN_METHODS"]
 
 MAIN_METHODS = ("baseline", "sdrpn", "sdrpn-attention", "res-scaling", "vicrop")
+# The conversation template the tiny model was trained with: its processor's chat template.
+PROMPT = "processor"
 # The main RPN once more, zooming into its strongest component alone (``--max-regions 1``).
 STRONGEST_REGION = "sdrpn, strongest region"
 SUMMARY_NAME = "testbed.json"
@@ -60,7 +66,8 @@ class LoopOptions:
         fractions: label-set shares of the data-efficiency runs (1.0 is the main RPN).
         ablation: run the ablation rows.
         batch_size: questions per batch in labelling and evaluation.
-        threshold: RoI threshold (None: the RPN's, calibrated by ``sdrpn train`` on held-out labels).
+        threshold: RoI threshold (None: each RPN's calibrated one, chosen by ``sdrpn train`` on
+            held-out labels).
         seed: RPN data order.
     """
 
@@ -111,7 +118,7 @@ class Loop:
             self.command("heads", "--model", self.model, "--data", self.data / "train.jsonl", "--image-root", self.data,
                          "--max-samples", self.options.heads_samples, "--batch-size", self.options.batch_size,
                          "--sink-layer", self.options.sink_layer, "--sink-threshold", self.options.sink_threshold,
-                         "--max-new-tokens", 8, "--out", path)
+                         "--max-new-tokens", 8, "--prompt", PROMPT, "--out", path)
         return str(path)
 
     def label(self, heads: str) -> Path:
@@ -120,7 +127,7 @@ class Loop:
                      "--out", out, "--heads", heads, "--sink-layer", self.options.sink_layer,
                      "--sink-threshold", self.options.sink_threshold,
                      "--max-samples", self.options.label_samples, "--batch-size", self.options.batch_size,
-                     "--max-new-tokens", 8)
+                     "--max-new-tokens", 8, "--prompt", PROMPT)
         return out
 
     def train(self, labels: Path, name: str, steps: int | None = None, *extra) -> Path:
@@ -140,8 +147,7 @@ class Loop:
         arguments = ["--model", self.model, "--rpn", rpn, "--benchmark", "jsonl", "--data", self.data / "test.jsonl",
                      "--method", *methods, "--strategy", strategy, "--limit", self.options.test_samples,
                      "--batch-size", self.options.batch_size, "--max-new-tokens", 8, "--out", out, *extra]
-        if self.options.threshold is not None:
-            arguments += ["--threshold", self.options.threshold]
+        arguments += ["--threshold", "calibrated" if self.options.threshold is None else self.options.threshold]
         self.command("eval", *arguments)
         return json.loads(out.read_text())
 

@@ -70,7 +70,7 @@ def token_targets(details, to_view, view_size: int, grid: tuple[int, int], reada
 
 def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
     """(2B, H * W) targets of a batch's base views, then its RoI views."""
-    view_size = geometry.input_size[0]
+    view_h, view_w = geometry.input_size
     base, roi = [], []
     for row, index in enumerate(indices):
         question = data[index]
@@ -80,13 +80,13 @@ def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
             x0, y0, _, _ = transform.source_to_view((x, y, x, y))
             return x0, y0
 
-        x0, y0, side = (float(value) for value in batch.roi_squares[row])
+        x0, y0, width, height = (float(value) for value in batch.roi_crops[row])
 
-        def to_roi(x, y, x0=x0, y0=y0, side=side):
-            return (x - x0) * view_size / side, (y - y0) * view_size / side
+        def to_roi(x, y, x0=x0, y0=y0, width=width, height=height):  # the crop is stretched to the view
+            return (x - x0) * view_w / width, (y - y0) * view_h / height
 
-        base.append(token_targets(question.details, to_base, view_size, grid, question.subset == "coarse"))
-        roi.append(token_targets(question.details, to_roi, view_size, grid, True))
+        base.append(token_targets(question.details, to_base, view_w, grid, question.subset == "coarse"))
+        roi.append(token_targets(question.details, to_roi, view_w, grid, True))
     return torch.stack(base + roi)
 
 

@@ -50,7 +50,7 @@ class Benchmark:
     @property
     def threshold(self) -> float | None:
         """SD-RPN's RoI threshold for this benchmark: the authors' preset (``sdrpn.roi.THRESHOLDS``),
-        or None for benchmarks without one (the RPN's own threshold, which ``sdrpn train`` calibrates)."""
+        or None for benchmarks without one (the RPN's default threshold, the authors' 0.15 for LLaVA-1.5)."""
         from ...roi import THRESHOLDS
 
         return THRESHOLDS.get(self.name)
