@@ -124,6 +124,7 @@ def decode(
     next_position: torch.Tensor,
     config: SamplingConfig,
     keep_logits: bool = False,
+    rope_delta: torch.Tensor | None = None,
 ) -> Decoded:
     """Generates after a prefill.
 
@@ -135,6 +136,7 @@ def decode(
         next_position: (B,) int64 position of the first generated token.
         config: token selection.
         keep_logits: also return every step's logits.
+        rope_delta: (B,) rotary minus layer position of the generated tokens (multi-axis RoPE), or None.
     """
     warpers = config.warpers()
     batch = first_logits.shape[0]
@@ -159,7 +161,8 @@ def decode(
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         hidden = adapter.embed_ids(token[:, None])
-        hidden = adapter.run_layers(hidden, 0, adapter.num_layers, position[:, None], attention_mask, cache)
+        rope = adapter.text_rope_positions(position[:, None], rope_delta)
+        hidden = adapter.run_layers(hidden, 0, adapter.num_layers, position[:, None], attention_mask, cache, rope)
         logits = adapter.logits(hidden[:, -1])
         position += 1
     return Decoded(tokens=torch.stack(tokens, dim=1), logits=step_logits if keep_logits else None)

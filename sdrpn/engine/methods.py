@@ -139,13 +139,12 @@ def baseline_method(engine, request: GenerationRequest) -> MethodResult:
     attention_mask = embedded.attention_mask if padded else None
     cache = adapter.new_cache()
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, adapter.num_layers, embedded.position_ids,
-                                attention_mask, cache)
+                                attention_mask, cache, embedded.rope_position_ids)
     next_position = embedded.attention_mask.sum(dim=1)
     decoded = decode(adapter, cache, adapter.logits(hidden[:, -1]), attention_mask, next_position,
-                     request.sampling, request.keep_logits)
-    visual = torch.full((request.input_ids.shape[0],), adapter.image_length, device=adapter.device)
+                     request.sampling, request.keep_logits, embedded.rope_delta)
     return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=None, roi_tokens=None,
-                        visual_tokens=visual)
+                        visual_tokens=embedded.image_lengths)
 
 
 def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

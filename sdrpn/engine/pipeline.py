@@ -146,6 +146,7 @@ class SDRPN:
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("generate needs the processor outputs input_ids and pixel_values")
+        pixel_values = self._vision_input(pixel_values, generation_kwargs)
         if images is not None and len(images) != input_ids.shape[0]:
             raise ValueError(f"got {len(images)} images for {input_ids.shape[0]} prompts; pass one image per prompt")
         self._check_image_start(input_ids, attention_mask)
@@ -195,8 +196,23 @@ class SDRPN:
         changes = {"threshold": resolved, "strategy": self.options.strategy if strategy is None else strategy}
         return RoIOptions(**{**self.options.__dict__, **changes})
 
+    def _vision_input(self, pixel_values, kwargs: dict):
+        """The view's vision input: ``pixel_values`` alone, or with the family's other processor
+        outputs (e.g. ``image_grid_thw``), taken out of ``kwargs``."""
+        for name in self.adapter.derived_input_names:
+            kwargs.pop(name, None)
+        names = self.adapter.vision_input_names
+        if len(names) == 1:
+            return pixel_values
+        missing = [name for name in names[1:] if kwargs.get(name) is None]
+        if missing:
+            raise ValueError(f"generate needs the processor outputs {', '.join(missing)} for this model")
+        return {"pixel_values": pixel_values, **{name: kwargs.pop(name) for name in names[1:]}}
+
     def _warn_on_geometry(self) -> None:
         """A processor whose base view differs from the one the RPN was trained on shifts every map."""
+        if self.adapter.geometry is None:  # a family whose views keep the aspect ratio: nothing to match
+            return
         trained, used = self.rpn.geometry, self.adapter.geometry.mode
         if trained is not None and used != trained:
             warnings.warn(f"the RPN was trained on {trained!r} base views but the processor makes {used!r} views "

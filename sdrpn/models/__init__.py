@@ -25,6 +25,11 @@ def adapter_for(model, processor=None) -> ModelAdapter:
         from .llava import LlavaAdapter
 
         return LlavaAdapter(model, processor)
+    if model_type == "qwen2_5_vl":
+        from .qwen2_5_vl import Qwen2_5_VLAdapter
+
+        return Qwen2_5_VLAdapter(model, processor)
     raise TypeError(
-        f"no sdrpn adapter for {type(model).__name__} (config.model_type={model_type!r}); supported: llava"
+        f"no sdrpn adapter for {type(model).__name__} (config.model_type={model_type!r}); "
+        f"supported: llava, qwen2_5_vl"
     )

@@ -8,7 +8,11 @@ attention implementation) and never patches transformers.
 Conventions shared by every method:
 
 * ``hidden`` tensors are ``(B, S, hidden_size)`` in the model's dtype.
-* ``position_ids`` are ``(B, S)`` int64 rotary positions.
+* ``position_ids`` are ``(B, S)`` int64 positions counting each row's real tokens: what the decoder
+  layers take (flash attention reads sequence boundaries from them). The rotary embedding takes
+  ``rope_position_ids``: the same for 1-D RoPE (LLaVA), ``(P, B, S)`` for multi-axis RoPE (Qwen's
+  M-RoPE, P = 3), passed apart where they differ. After the last image, every rope axis is the
+  layer position plus a per-row ``rope_delta``, so decoding needs only that delta.
 * ``attention_mask`` arguments are 2-D ``(B, past + S)`` bool *key* masks, True for real tokens,
   covering the cached keys followed by the new tokens. Attention is causal by index: a new token at
   index ``past + i`` sees the valid keys at indices ``<= past + i``. Padding may sit anywhere
@@ -51,10 +55,15 @@ class ModelInputs:
 
     Attributes:
         inputs_embeds: (B, S, hidden) token embeddings with the image features scattered in.
-        position_ids: (B, S) int64 positions (0 for padding).
+        position_ids: (B, S) int64 positions of the decoder layers (0 for padding).
         attention_mask: (B, S) bool, True for real tokens.
         image_start: (B,) int64 index of the first image token of each sample.
         image_length: number of image tokens per sample (``grid_h * grid_w``), the same for all.
+        rope_position_ids: (P, B, S) int64 rotary positions where they are not ``position_ids``
+            (multi-axis RoPE), else None.
+        rope_delta: (B,) int64 rotary minus layer position of the tokens after the image (zeros for
+            1-D RoPE).
+        image_lengths: (B,) int64 image tokens of each sample.
     """
 
     inputs_embeds: torch.Tensor
@@ -62,6 +71,9 @@ class ModelInputs:
     attention_mask: torch.Tensor
     image_start: torch.Tensor
     image_length: int
+    rope_position_ids: torch.Tensor | None = None
+    rope_delta: torch.Tensor | None = None
+    image_lengths: torch.Tensor | None = None
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -264,8 +276,10 @@ class ModelAdapter(abc.ABC):
         """Embeds a prompt with exactly one image per sample.
 
         Args:
-            input_ids: (B, S) token ids with ``image_length`` placeholder tokens per sample.
-            pixel_values: (B, 3, H, W) processor output; encoded unless ``image_features`` is given.
+            input_ids: (B, S) token ids with the image's placeholder tokens in every sample.
+            pixel_values: the vision input (the processor's outputs named by
+                :attr:`vision_input_names`: a tensor for a single name, else a dict); encoded unless
+                ``image_features`` is given.
             attention_mask: (B, S) 1 for real tokens (processor output); None means no padding.
             image_features: (B, image_length, hidden) already encoded views.
             validate: check the image tokens on the host (ValueError when a row does not hold one
@@ -278,9 +292,21 @@ class ModelAdapter(abc.ABC):
 
         return AppendCache()
 
+    # Names of the processor outputs that make up one view's vision input (LLaVA: pixel_values;
+    # Qwen: pixel_values and image_grid_thw); generate() collects them from its keyword arguments.
+    vision_input_names: tuple[str, ...] = ("pixel_values",)
+    # Processor outputs the adapter derives from input_ids itself; generate() accepts and drops them.
+    derived_input_names: tuple[str, ...] = ()
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """The rotary ``position_embeddings`` tuple the decoder layers take."""
+        """The rotary ``position_embeddings`` tuple the decoder layers take, from (B, S) or
+        (P, B, S) rotary positions."""
         return self.rotary_emb(hidden, position_ids)
+
+    def text_rope_positions(self, position_ids: torch.Tensor, rope_delta: torch.Tensor | None) -> torch.Tensor | None:
+        """Rotary positions of text tokens after the image, from their (B, S) layer positions and
+        the rows' ``rope_delta``; None where they are the layer positions (1-D RoPE)."""
+        return None
 
     def run_layers(
         self,
@@ -290,12 +316,14 @@ class ModelAdapter(abc.ABC):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache=None,
+        rope_position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs decoder layers ``[start, end)`` with the model's attention and rotary embeddings.
 
         Args:
             hidden: (B, S, hidden) states entering layer ``start``.
-            position_ids: (B, S) positions of the new tokens.
+            position_ids: (B, S) layer positions of the new tokens.
+            rope_position_ids: (P, B, S) rotary positions where they differ (multi-axis RoPE).
             attention_mask: (B, past + S) bool key mask (see the module docstring), or None.
             cache: a cache from :meth:`new_cache`; the layers append to it. All layers in the range
                 must hold the same number of cached tokens (``past``).
@@ -312,7 +340,7 @@ class ModelAdapter(abc.ABC):
             self.attention_implementation, attention_mask, hidden.shape[1], past + hidden.shape[1],
             hidden.dtype, hidden.device,
         )
-        position_embeddings = self.rotary(hidden, position_ids)
+        position_embeddings = self.rotary(hidden, position_ids if rope_position_ids is None else rope_position_ids)
         return run_decoder_layers(self.layers[start:end], hidden, position_embeddings, layer_mask, position_ids, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ class LlavaAdapter(ModelAdapter):
             attention_mask=attention_mask,
             image_start=image_start,
             image_length=self.image_length,
+            image_lengths=torch.full((batch,), self.image_length, device=self.device),
         )
 
 

@@ -1,0 +1,177 @@
+"""Adapter for ``transformers.Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL 3B/7B/32B/72B).
+
+What differs from LLaVA, all of it kept in this file:
+
+* the vision input is two processor outputs, ``pixel_values`` (patches of every image, packed) and
+  ``image_grid_thw``; an image's token count follows its size (2 x 2 patches merge into a token);
+* a prompt frames the image as ``<|vision_start|> <|image_pad|> x n <|vision_end|>``;
+* positions are 3-D (M-RoPE): an image token at row r, column c of its grid sits at
+  ``start + (0, r, c)``, and text after the image continues from ``start + max(rows, cols)``, so
+  the rotary positions run ahead of (or behind) the layers' positions by a per-row delta.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, ModelInputs, default_position_ids
+
+__all__ = ["Qwen2_5_VLAdapter"]
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw")
+
+
+class Qwen2_5_VLAdapter(ModelAdapter):
+    """Drives a Qwen2.5-VL model: windowed ViT with 2 x 2 merging, Qwen2 decoder with M-RoPE.
+
+    One image per sample. The RPN head applies M-RoPE to its q/k, as the authors' Qwen2.5-VL RPN.
+    """
+
+    family = "qwen2_5_vl"
+    rpn_uses_rope = True
+    default_prompt_template = "processor"
+    vision_input_names = VISION_INPUTS
+    derived_input_names = ("mm_token_type_ids",)  # image tokens are read from input_ids
+
+    def __init__(self, model: nn.Module, processor=None):
+        super().__init__(model, processor)
+        config = model.config
+        text_config = config.get_text_config(decoder=True)
+        language_model = model.model.language_model
+        if getattr(text_config, "use_sliding_window", False):
+            raise ValueError("sliding-window language models are not supported (the KV reuse assumes full attention)")
+
+        self.config = config
+        self.text_config = text_config
+        self.embed_tokens = language_model.embed_tokens
+        self.layers = language_model.layers
+        self.rotary_emb = language_model.rotary_emb
+        self._norm = language_model.norm
+
+        self.num_layers = text_config.num_hidden_layers
+        self.hidden_size = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.image_token_id = config.image_token_id
+        self.vision_start_token_id = config.vision_start_token_id
+        self.vision_end_token_id = config.vision_end_token_id
+        vision_config = config.vision_config
+        self.merge_size = vision_config.spatial_merge_size
+        # One token covers merge x merge patches: 28 pixels a side for Qwen2.5-VL.
+        self.cell_size = vision_config.patch_size * self.merge_size
+        # The authors label and train on square 24 x 24-token views (576 * 28 * 28 pixels).
+        self.image_grid = (24, 24)
+        self.vision_input_size = (self.image_grid[0] * self.cell_size, self.image_grid[1] * self.cell_size)
+        self.geometry = None
+
+    # -- modules -----------------------------------------------------------------------------------
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._norm
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def config_fingerprint(self) -> dict:
+        text = self.text_config
+        return {
+            "family": self.family,
+            "model_type": text.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+            "image_grid": list(self.image_grid),
+        }
+
+    @staticmethod
+    def set_processor_geometry(processor, mode: str) -> bool:
+        raise ValueError("Qwen2.5-VL views keep the image's aspect ratio (smart resize); there is no "
+                         f"{mode!r} geometry to set")
+
+    # -- vision ------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
+        """Per image, (n_i, hidden) tokens projected to the language model, from the vision input
+        (a dict with ``pixel_values`` and ``image_grid_thw``)."""
+        if not isinstance(pixel_values, dict) or set(pixel_values) != set(VISION_INPUTS):
+            raise ValueError(f"the Qwen2.5-VL vision input is a dict of {VISION_INPUTS}, the processor's outputs")
+        visual = self.model.model.visual
+        parameter = next(visual.parameters())
+        output = self.model.model.get_image_features(
+            pixel_values["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
+            pixel_values["image_grid_thw"].to(parameter.device),
+        )
+        features = output.pooler_output if hasattr(output, "pooler_output") else output
+        if isinstance(features, torch.Tensor):  # one tensor for all images: split by token counts
+            grid = pixel_values["image_grid_thw"]
+            features = features.split((grid.prod(dim=-1) // self.merge_size**2).tolist())
+        return [feature.to(device=self.device, dtype=self.dtype) for feature in features]
+
+    # -- language model ----------------------------------------------------------------------------
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values=None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | None = None,
+        validate: bool = True,
+    ) -> ModelInputs:
+        input_ids = input_ids.to(self.device)
+        batch, length = input_ids.shape
+        is_image = input_ids == self.image_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.to(device=self.device, dtype=torch.bool)
+        if pixel_values is None:
+            raise ValueError("embed needs the vision input (pixel_values and image_grid_thw) for the image positions")
+        grid_thw = pixel_values["image_grid_thw"].to(self.device)
+        if image_features is None:
+            image_features = self.encode_images(pixel_values)
+        image_lengths = is_image.sum(dim=1)
+        if validate:
+            self.check_image_tokens(is_image, grid_thw, image_features)
+        embeds = self.embed_ids(input_ids)
+        features = torch.cat(list(image_features)).to(embeds.dtype)
+        embeds = embeds.masked_scatter(is_image[..., None], features)
+        rope, delta = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=is_image.int(), image_grid_thw=grid_thw, attention_mask=attention_mask.long())
+        positions = torch.arange(length, device=self.device)
+        return ModelInputs(
+            inputs_embeds=embeds,
+            position_ids=default_position_ids(attention_mask),
+            attention_mask=attention_mask,
+            image_start=torch.where(is_image, positions, length).amin(dim=1),
+            image_length=int(image_lengths.max()) if validate else 0,
+            rope_position_ids=rope,
+            rope_delta=delta.reshape(batch).to(self.device),
+            image_lengths=image_lengths,
+        )
+
+    def check_image_tokens(self, is_image: torch.Tensor, grid_thw: torch.Tensor, features) -> None:
+        """Raises ValueError unless row i holds one contiguous run of image i's token count."""
+        counts = is_image.sum(dim=1).tolist()
+        expected = [int(feature.shape[0]) for feature in features]
+        if len(expected) != len(counts):
+            raise ValueError(f"got {len(expected)} images for {len(counts)} prompts; one image per prompt")
+        for row, (count, wanted) in enumerate(zip(counts, expected)):
+            start = int(is_image[row].int().argmax())
+            if count != wanted or not bool(is_image[row, start:start + count].all()):
+                raise ValueError(f"prompt {row} must hold its image as {wanted} contiguous image tokens "
+                                 f"(id {self.image_token_id}), found {count}; build prompts with the model's processor")
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        if position_ids.ndim == 2:  # text only: the same position on every axis
+            position_ids = position_ids[None].expand(3, *position_ids.shape)
+        return self.rotary_emb(hidden, position_ids)
+
+    def text_rope_positions(self, position_ids: torch.Tensor, rope_delta: torch.Tensor | None) -> torch.Tensor | None:
+        shifted = position_ids if rope_delta is None else position_ids + rope_delta.to(position_ids.device)[:, None]
+        return shifted[None].expand(3, *shifted.shape)
