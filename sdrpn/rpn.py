@@ -33,7 +33,7 @@ from torch import nn
 from . import ops
 from .models import ModelAdapter, adapter_for
 from .prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
-from .models.base import decoder_attention_mask, default_position_ids, run_decoder_layers
+from .models.base import apply_rotary, decoder_attention_mask, default_position_ids, run_decoder_layers
 
 __all__ = ["RPN", "CONFIG_NAME", "WEIGHTS_NAME", "DEFAULT_THRESHOLD", "CALIBRATED"]
 
@@ -128,7 +128,8 @@ class RPN(nn.Module):
 
         self.blocks = nn.ModuleList(copy.deepcopy(adapter.layer(i)) for i in range(start_layer, start_layer + num_blocks - 1))
         head_layer = adapter.layer(start_layer + num_blocks - 1)
-        self.norm = copy.deepcopy(adapter.final_norm)
+        # A copy of the final norm before the head where the family's RPN has one (LLaVA), else nothing.
+        self.norm = copy.deepcopy(adapter.final_norm) if adapter.rpn_uses_final_norm else nn.Identity()
         self.head_norm = copy.deepcopy(head_layer.input_layernorm)
         self.q_proj = copy.deepcopy(head_layer.self_attn.q_proj)
         self.k_proj = copy.deepcopy(head_layer.self_attn.k_proj)
@@ -144,7 +145,7 @@ class RPN(nn.Module):
             "weight_signature": _weight_signature(adapter, start_layer),
             "start_layer": start_layer,
             "num_blocks": num_blocks,
-            "use_final_norm": True,
+            "use_final_norm": adapter.rpn_uses_final_norm,
             "use_rope": self.use_rope,
             "threshold": self.threshold,
             "calibrated_threshold": self.calibrated_threshold,
@@ -190,6 +191,7 @@ class RPN(nn.Module):
         image_positions: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        rope_position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoI logits of the image tokens.
 
@@ -201,6 +203,8 @@ class RPN(nn.Module):
                 first of N contiguous image tokens.
             attention_mask: (B, S) 1/True for real tokens (padding anywhere); None: no padding.
             position_ids: (B, S) positions; by default counted over the real tokens.
+            rope_position_ids: (P, B, S) rotary positions where they are not ``position_ids``
+                (multi-axis RoPE, see :mod:`sdrpn.models.base`).
 
         Returns:
             (B, N) float32 logits, differentiable in training.
@@ -222,20 +226,25 @@ class RPN(nn.Module):
             grid_cells = self.image_grid[0] * self.image_grid[1]
             image_positions = image_positions[:, None] + torch.arange(grid_cells, device=device)
 
+        rotary = None
+        if len(self.blocks) or self.use_rope:
+            rotary = self.rotary_emb(hidden, position_ids if rope_position_ids is None else rope_position_ids)
         if len(self.blocks):
             layer_mask = decoder_attention_mask(
                 self._attention_config._attn_implementation or "eager", attention_mask, length, length,
                 hidden.dtype, device,
             )
-            hidden = run_decoder_layers(self.blocks, hidden, self.rotary_emb(hidden, position_ids), layer_mask,
-                                        position_ids)
+            hidden = run_decoder_layers(self.blocks, hidden, rotary, layer_mask, position_ids)
         hidden = self.head_norm(self.norm(hidden))
         rows = torch.arange(batch, device=device)
         query = hidden[rows, query_index][:, None]  # (B, 1, D)
         keys = hidden[rows[:, None], image_positions]  # (B, N, D)
         q, k = self.q_proj(query), self.k_proj(keys)
-        if self.use_rope:
-            raise NotImplementedError("RPN heads with rotary embeddings (Qwen2.5-VL) need that family's adapter")
+        if self.use_rope:  # the rotations of each token's own position, as its layer would apply them
+            cos, sin = rotary
+            q = _rotated(q, cos[rows, query_index][:, None], sin[rows, query_index][:, None], self.head_dim)
+            picked = (rows[:, None], image_positions)
+            k = _rotated(k, cos[picked], sin[picked], self.head_dim)
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: one key head per query group
             k = k.view(batch, -1, self.num_kv_heads, self.head_dim)
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2).flatten(2)
@@ -349,6 +358,13 @@ class RPN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"K={self.start_layer}, T={self.num_blocks}, threshold={self.threshold}"
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, N, heads * head_dim) projections with the rotary embedding of (B, N, head_dim) cos/sin."""
+    batch, count, _ = x.shape
+    heads = x.view(batch, count, -1, head_dim).transpose(1, 2)
+    return apply_rotary(heads, cos, sin).transpose(1, 2).reshape(batch, count, -1)
 
 
 def _thresholds(config: dict) -> dict:

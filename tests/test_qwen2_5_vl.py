@@ -72,3 +72,27 @@ def test_missing_grid_is_a_clear_error(engine):
     del inputs["image_grid_thw"]
     with pytest.raises(ValueError, match="image_grid_thw"):
         engine.generate(**inputs, max_new_tokens=2, method="baseline")
+
+
+@pytest.mark.parametrize("row", range(len(SIZES)))
+def test_rpn_scores_are_the_head_layers_attention_logits(row):
+    """A fresh RPN's map is layer K+T-1's own q.k of the last prompt token against the image tokens
+    (M-RoPE on both, grouped keys repeated, mean over heads): up to a constant it is the mean over
+    heads of the log of that layer's eager attention weights, which transformers computes."""
+    model = tiny_qwen2_5_vl(attn_implementation="eager")
+    adapter = adapter_for(model)
+    start, blocks = 2, 3
+    rpn = RPN.from_model(model, start, blocks)
+    inputs = qwen_inputs(qwen_images(SIZES[row:row + 1]), TEXTS[row:row + 1])
+    vision = {name: inputs[name] for name in adapter.vision_input_names}
+    with torch.no_grad():
+        embedded = adapter.embed(inputs["input_ids"], vision)
+        hidden = adapter.run_layers(embedded.inputs_embeds, 0, start, embedded.position_ids, None, None,
+                                    embedded.rope_position_ids)
+        image = (inputs["input_ids"][0] == 110).nonzero().flatten()[None]
+        logits = rpn(hidden, hidden.shape[1] - 1, image, position_ids=embedded.position_ids,
+                     rope_position_ids=embedded.rope_position_ids)[0]
+        attentions = model(**inputs, output_attentions=True).attentions[start + blocks - 1]
+    expected = attentions[0, :, -1, image[0]].log().mean(dim=0)
+    torch.testing.assert_close(logits - logits.mean(), expected - expected.mean(), rtol=1e-4, atol=1e-4)
+    assert rpn.config["use_final_norm"] is False and "norm.weight" not in rpn.state_dict()

@@ -173,7 +173,8 @@ class ModelAdapter(abc.ABC):
     Config facts (attributes): ``family`` (e.g. "llava"), ``num_layers``, ``hidden_size``,
     ``num_heads``, ``num_kv_heads``, ``head_dim``, ``image_grid`` ((H, W) image tokens per view),
     ``image_token_id``, ``vision_input_size`` ((H, W) pixels of one view), ``rpn_uses_rope``
-    (whether the RPN head applies rotary embeddings to its q/k; False for LLaVA), ``device``,
+    (whether the RPN head applies rotary embeddings to its q/k; False for LLaVA),
+    ``rpn_uses_final_norm`` (whether a copy of the final norm precedes the RPN head), ``device``,
     ``dtype``, ``geometry`` (the processor's image geometry, :class:`sdrpn.models.geometry.ImageGeometry`),
     ``default_prompt_template`` (the :mod:`sdrpn.prompts` preset the family's checkpoints were trained
     and evaluated with: what labelling uses unless told otherwise).
@@ -197,6 +198,7 @@ class ModelAdapter(abc.ABC):
     image_token_id: int
     vision_input_size: tuple[int, int]
     rpn_uses_rope: bool
+    rpn_uses_final_norm: bool = True
 
     @property
     def image_length(self) -> int:
@@ -348,7 +350,8 @@ class ModelAdapter(abc.ABC):
         return self.lm_head(self.final_norm(hidden))
 
     def attention_qk(
-        self, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor
+        self, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+        rope_position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys of one layer, RoPE applied, without running its attention.
 
@@ -356,6 +359,7 @@ class ModelAdapter(abc.ABC):
             layer_index: the layer.
             hidden: (B, S, hidden) states entering that layer.
             position_ids: (B, S) positions.
+            rope_position_ids: (P, B, S) rotary positions where they differ (multi-axis RoPE).
 
         Returns:
             ``(q, k)``: (B, num_heads, S, head_dim) and (B, num_kv_heads, S, head_dim).
@@ -363,7 +367,7 @@ class ModelAdapter(abc.ABC):
         layer = self.layer(layer_index)
         normed = layer.input_layernorm(hidden)
         q, k = project_qk(layer.self_attn, normed, self.head_dim)
-        cos, sin = self.rotary(hidden, position_ids)
+        cos, sin = self.rotary(hidden, position_ids if rope_position_ids is None else rope_position_ids)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 

@@ -30,6 +30,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     family = "qwen2_5_vl"
     rpn_uses_rope = True
+    rpn_uses_final_norm = False  # the authors' Qwen2.5-VL head reads layer K+T-1's input norm only
     default_prompt_template = "processor"
     vision_input_names = VISION_INPUTS
     derived_input_names = ("mm_token_type_ids",)  # image tokens are read from input_ids
