@@ -114,8 +114,14 @@ setup(
         "scikit-image",
         "tqdm",
     ],
+    # `pip install "sdrpn[lmms-eval]"`: the lmms-eval release `--model sdrpn` is tested with. lmms-eval
+    # patches filelock's internals, which filelock 4 (pulled in by recent torch releases) changed.
+    extras_require={"lmms-eval": ["lmms-eval==0.7.3", "filelock<4"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["sdrpn = sdrpn.cli:main"]},
+    entry_points={
+        "console_scripts": ["sdrpn = sdrpn.cli:main"],
+        "lmms_eval.models": ["sdrpn = sdrpn.integrations.lmms_eval_registration:manifest"],
+    },
     zip_safe=False,
 )

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_e2e.py --arch tiny --device cpu --batch 1 --new-tokens 8 --rois box:0.25
+    python benchmarks/bench_e2e.py --arch tiny --device cpu --batch 1 --new-tokens 8
     python benchmarks/bench_e2e.py --arch llava-1.5-7b --random-weights --device cuda --dtype bfloat16 \\
         --batch 1 --new-tokens 16 --rois box:0.25,masked:0.3,none --json results/e2e.json
     python benchmarks/bench_e2e.py ... --check-args   # validate the arguments, print the plan, exit
@@ -10,14 +10,17 @@ Usage::
 Models are built from real transformers configs with random weights (``tiny``: a small LLaVA with
 LLaVA-1.5's 336-pixel view and 24 x 24 token grid; ``llava-1.5-7b``: the full architecture). With
 random weights the cost depends only on the shapes, so the RoI is forced; ``--rois`` lists the RoI
-configurations, all measured in one run, every row of a batch getting the same RoI:
+configurations, all measured in one run, every row of a batch getting the same RoI (default
+``box:0.25``: a random RPN proposes no RoI at all, and SD-RPN without one reads the baseline's
+visual tokens):
 
 * ``box:F``: a centred square covering the share F of the token grid. Box upscaling: every one of
   the H * W RoI slots holds a token of the crop view.
 * ``masked:F``: two squares in opposite corners of the grid, covering F of it together. Masked
   upscaling: about F of the RoI slots hold tokens (those under the squares).
 * ``none``: no RoI; every RoI slot is empty.
-* ``rpn``: the RPN's own maps decide (random maps, with random weights).
+* ``rpn``: the RPN's own maps decide (random maps, with random weights); a warning says when they
+  proposed no RoI, which is what a random RPN does.
 
 The RoI filters drop components of more than 225 cells (the authors' ``max_area``), so the largest
 ``box`` covers about 0.4 of the 24 x 24 grid: a larger one would be no RoI, and is refused.
@@ -41,7 +44,9 @@ crop), the extra work costed at the baseline's measured prefill speed (seconds p
 decode unchanged: ``t_base / (t_base + t_prefill * extra_flops / prefill_flops)``. ``of_floor`` is
 ``ratio_vs_baseline / ideal_ratio``: 1.0 when a method costs no more than its extra FLOPs.
 
-Prints a table of every measurement and, per RoI configuration, the engine modes side by side.
+Prints a table of every measurement and, per RoI configuration, the engine modes side by side. CPU
+timings are only meaningful on an idle machine: the load average is printed before and after the
+run, with a warning when other processes keep the cores busy.
 ``--json FILE`` writes the run: its settings, ``methods`` (the rows that ignore the RoI) and
 ``configs`` (per RoI configuration: its boxes, RoI tokens, rows, sdrpn against sdrpn-reference and
 whether their tokens agree).
@@ -52,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -70,6 +76,9 @@ PROMPT_PREFIX = 5  # "<s> USER :" style tokens before the image
 QUESTION_LENGTHS = (18, 11, 25, 14, 21, 9, 16, 23)  # per row, cycled
 SOURCE_SIZE = (640, 480)
 IMAGE_TOKENS = 576  # the 24 x 24 grid of every arch here
+DEFAULT_ROIS = "box:0.25"
+# A 1-minute load average above this share of the cores means other work competes for them.
+BUSY_LOAD_SHARE = 0.5
 
 METHODS = ("baseline", "sdrpn", "sdrpn-reference", "sdrpn-compiled", "res-scaling", "vicrop")
 MODE_METHODS = ("sdrpn", "sdrpn-compiled")  # measured in each engine mode
@@ -466,7 +475,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--modes", default="sync-free,trimmed",
                         help=f"engine modes of sdrpn and sdrpn-compiled, comma-separated: {', '.join(ENGINE_MODES)}")
-    parser.add_argument("--rois", default="rpn", help="RoI configurations, comma-separated: box:F, masked:F, none, rpn")
+    parser.add_argument("--rois", default=DEFAULT_ROIS,
+                        help=f"RoI configurations, comma-separated: box:F, masked:F, none, rpn (default {DEFAULT_ROIS}: "
+                             "with random weights the RPN proposes no RoI, so one is forced)")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -511,6 +522,29 @@ def measure(bench: Bench, outputs: dict, args) -> tuple[dict, float]:
     return latencies, latencies.pop("baseline-prefill")
 
 
+def load_average() -> tuple[str, bool]:
+    """The machine's 1-minute load, and whether other work keeps its cores busy (timings then run
+    slower and vary more than on an idle machine)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores", load > BUSY_LOAD_SHARE * cores
+
+
+def print_load(when: str) -> str:
+    """Print the load (and a warning when the machine is busy); returns the load line."""
+    line, busy = load_average()
+    print(f"{when}: {line}")
+    if busy:
+        print(f"warning: {line}: other processes are using the CPU, so these timings are slower and noisier "
+              f"than on an idle machine", file=sys.stderr)
+    return line
+
+
+def roi_less_configs(record: dict) -> list[str]:
+    """The RPN-decided configurations that got no RoI tokens: they measured SD-RPN without a RoI."""
+    return [name for name, config in record["configs"].items()
+            if config["boxes"] is None and config["roi_tokens"] == 0]
+
+
 def print_report(record: dict, records: dict, args) -> None:
     print(f"{args.arch} on {record['device_name'] or record['device']} ({args.dtype}), batch {args.batch}, "
           f"{args.new_tokens} new tokens, prompt {record['prompt_tokens']} tokens")
@@ -521,6 +555,9 @@ def print_report(record: dict, records: dict, args) -> None:
     equivalence = {name: config["equivalence"] for name, config in record["configs"].items()}
     print("equivalence:", json.dumps({"baseline_vs_generate_equal": record["baseline_vs_generate_equal"],
                                       **equivalence}))
+    for name in roi_less_configs(record):
+        print(f"warning: --rois {name}: the random-weight RPN proposed no RoI, so these rows measure SD-RPN "
+              f"without one (the baseline's visual tokens); force a RoI with box:F or masked:F", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -531,6 +568,7 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = print_load("before the run")
     device, dtype, arch = torch.device(args.device), getattr(torch, args.dtype), ARCHS[args.arch]
     bench = Bench(arch, args.batch, device, dtype, args.attn_implementation)
     model, text = bench.model, bench.model.config.text_config
@@ -558,6 +596,7 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
+        "load_before": load_before, "load_after": print_load("after the run"),
     }
     print_report(record, records, args)
     if args.json:

@@ -7,7 +7,8 @@ the subcommand being run is imported, so ``sdrpn --help`` answers at once; the n
 helps of all subcommands are kept here for that listing.
 
 A :class:`sdrpn.errors.UserError` (or a bad option) ends the command with a one-line message and
-exit status 2; ``--debug`` adds the traceback.
+exit status 2; ``--debug`` adds the traceback. Ctrl-C ends it with status 130, and with what was
+kept when the command says so (:class:`sdrpn.errors.Interrupted`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import traceback
 from typing import NoReturn, Sequence
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .version import __version__
 
 USER_ERROR_EXIT = 2
@@ -125,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        kept = f"; {interruption}" if isinstance(interruption, Interrupted) else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return INTERRUPTED_EXIT
     except (MemoryError, RuntimeError) as error:
         # torch.OutOfMemoryError (device memory) is a RuntimeError; anything else is a bug and

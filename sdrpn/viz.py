@@ -1,9 +1,11 @@
 """One picture of where the model looked, for a person to judge (``sdrpn show``).
 
-Left: the source image with the RoI probability map overlaid as a heatmap, the contour of the
-thresholded mask and the RoI boxes. Right: the zoomed crop the model saw in stage 2. Below: the
-question and the answers with and without SD-RPN. Drawn with PIL only; :func:`roi_figure` fills
-the figure from an engine's answers.
+Left: the source image lit by the RoI probability map (dimmed where the map is low, never tinted,
+so that the shapes keep the colours the questions name them by), the map's levels as heat-coloured
+isolines, the contour of the thresholded mask and the RoI boxes. Right: the zoomed crop the model
+saw in stage 2. Below: the question, the answers with and without SD-RPN, and how many regions the
+mask holds against how many became RoI boxes (the RoI filters drop some). Drawn with PIL;
+:func:`roi_figure` fills the figure from an engine's answers.
 
 The figure has a fixed size for a given ``size`` (see :func:`figure_size`): both panels are
 ``size`` x ``size`` with the images letterboxed inside, and the caption has a fixed number of
@@ -16,16 +18,20 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 MARGIN = 16
-CAPTION_LINES = 5
+CAPTION_LINES = 6
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MUTED = (110, 110, 110)
 BOX_COLOR = (0, 230, 64)
 CONTOUR_COLOR = (255, 255, 255)
 GRID_COLOR = (255, 215, 0)
+# Brightness where the map is 0 (1 at its maximum): dimmed, with hue and saturation kept.
+DIM_FLOOR = 0.7
+# Isolines of the map, as shares of its maximum.
+ISOLINE_LEVELS = (0.25, 0.5, 0.75)
 
 # Anchor colours of the heatmap, from probability 0 to 1 (dark blue -> cyan -> yellow -> red).
 _HEAT_ANCHORS = np.array([[20, 30, 120], [0, 170, 230], [250, 230, 40], [230, 30, 20]], dtype=np.float32)
@@ -107,7 +113,7 @@ def roi_figure(engine, image: Image.Image, question: str, with_rpn, without, thr
     return RoIFigure(
         image=image, probability=roi.prob[0].float().cpu().numpy(), mask=roi.mask[0].cpu().numpy(),
         grid_extent=extent, boxes=with_rpn.boxes, crop=crop, question=question,
-        answer_with=with_rpn.text, answer_without=without.text,
+        answer_with=with_rpn.shown_text, answer_without=without.shown_text,
         details=(f"threshold {threshold:g} · visual tokens {without.visual_tokens} -> {with_rpn.visual_tokens} · "
                  f"latency {latency_s:.2f} s with SD-RPN"),
     )
@@ -152,30 +158,44 @@ def _grid_layer(values: np.ndarray, extent: Sequence[float], scale: float,
     return layer, (x0, y0)
 
 
+def _outline(layer: Image.Image, position: tuple[int, int], size: tuple[int, int], width: int) -> Image.Image:
+    """The edges of a white-on-black grid layer placed at ``position`` on a panel of ``size``; found
+    on a one-pixel wider canvas so that shapes on the panel's border get an edge too."""
+    canvas = Image.new("L", (size[0] + 2, size[1] + 2), 0)
+    canvas.paste(layer, (position[0] + 1, position[1] + 1))
+    edges = canvas.filter(ImageFilter.FIND_EDGES)
+    if width > 1:
+        edges = edges.filter(ImageFilter.MaxFilter(width))
+    return edges.crop((1, 1, size[0] + 1, size[1] + 1))
+
+
+def _spotlight(shown: Image.Image, light: Image.Image, position: tuple[int, int]) -> Image.Image:
+    """``shown`` with every pixel's RGB scaled by the map's relative value (``light``, 0-255) between
+    :data:`DIM_FLOOR` and 1: scaling keeps each colour's hue and saturation."""
+    brightness = Image.new("L", shown.size, 0)
+    brightness.paste(light, position)
+    factor = brightness.point(lambda value: round(255 * (DIM_FLOOR + (1 - DIM_FLOOR) * value / 255)))
+    return ImageChops.multiply(shown, Image.merge("RGB", (factor, factor, factor)))
+
+
 def _overlay(figure: RoIFigure, size: int) -> Image.Image:
     shown, scale, offset = _fit(figure.image.convert("RGB"), size)
-    # Colours span [0, the map's maximum] so that a weak map still shows where it peaks; the
+    # Levels span [0, the map's maximum] so that a weak map still shows where it peaks; the
     # caption states the maximum.
     probability = np.clip(np.asarray(figure.probability, dtype=np.float32), 0.0, 1.0)
     relative = probability / max(float(probability.max()), 1e-6)
-    heat, position = _grid_layer(heat_colors(relative), figure.grid_extent, scale, Image.BILINEAR)
-    alpha, _ = _grid_layer((relative * 255).astype(np.uint8), figure.grid_extent, scale, Image.BILINEAR)
-    # Low values stay see-through, high ones are clearly coloured.
-    alpha = alpha.point(lambda value: int(40 + 0.6 * value))
-    heat_layer = Image.new("RGB", shown.size)
-    alpha_layer = Image.new("L", shown.size, 0)
-    heat_layer.paste(heat, position)
-    alpha_layer.paste(alpha, position)
-    blended = Image.composite(heat_layer, shown, alpha_layer)
+    light, position = _grid_layer((relative * 255).round().astype(np.uint8), figure.grid_extent, scale,
+                                  Image.BILINEAR)
+    blended = _spotlight(shown, light, position)
+    for level, color in zip(ISOLINE_LEVELS, heat_colors(np.array(ISOLINE_LEVELS))):
+        above = light.point(lambda value, cut=255 * level: 255 if value >= cut else 0)
+        blended.paste(Image.new("RGB", shown.size, tuple(int(c) for c in color)), (0, 0),
+                      _outline(above, position, shown.size, width=1))
 
-    # The contour is found on the whole panel so that mask cells on the grid's border get an edge too.
     mask = (np.asarray(figure.mask, dtype=bool) * 255).astype(np.uint8)
     mask_layer, position = _grid_layer(mask, figure.grid_extent, scale, Image.NEAREST)
-    full_mask = Image.new("L", (shown.width + 2, shown.height + 2), 0)
-    full_mask.paste(mask_layer, (position[0] + 1, position[1] + 1))
-    edges = full_mask.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.MaxFilter(3))
-    contour = edges.crop((1, 1, shown.width + 1, shown.height + 1))
-    blended.paste(Image.new("RGB", shown.size, CONTOUR_COLOR), (0, 0), contour)
+    blended.paste(Image.new("RGB", shown.size, CONTOUR_COLOR), (0, 0),
+                  _outline(mask_layer, position, shown.size, width=3))
 
     draw = ImageDraw.Draw(blended)
     gx0, gy0, gx1, gy1 = (v * scale for v in figure.grid_extent)
@@ -186,6 +206,26 @@ def _overlay(figure: RoIFigure, size: int) -> Image.Image:
     panel = Image.new("RGB", (size, size), BACKGROUND)
     panel.paste(blended, offset)
     return panel
+
+
+def mask_regions(mask: np.ndarray) -> int:
+    """Connected regions of the thresholded mask (8-connected, as the RoI post-processing counts them)."""
+    from skimage.measure import label
+
+    return int(label(np.asarray(mask, dtype=bool), connectivity=2).max())
+
+
+def legend_lines(figure: RoIFigure) -> list[str]:
+    """The caption's two lines on what the left panel shows: the map, and the mask's regions against
+    the RoI boxes made of them."""
+    probability = np.asarray(figure.probability)
+    peak = float(np.max(probability)) if probability.size else 0.0
+    levels = "/".join(f"{round(100 * level)}" for level in ISOLINE_LEVELS)
+    regions, boxes = mask_regions(figure.mask), len(figure.boxes)
+    kept = ("each a RoI box (green)" if boxes == regions
+            else f"{boxes} kept as RoI box{'es' if boxes != 1 else ''} (green), {regions - boxes} dropped by the RoI filters")
+    return [f"left: RoI map (max p={peak:.2f}) as brightness and isolines at {levels}% of its max, model view (yellow)",
+            f"mask (white): {regions} region{'s' if regions != 1 else ''}, {kept}; right: zoomed view"]
 
 
 def _crop_panel(crop: Image.Image | None, size: int) -> Image.Image:
@@ -230,9 +270,7 @@ def render(figure: RoIFigure, size: int = 512) -> Image.Image:
     if figure.answer_without is not None:
         lines.append(("without SD-RPN: " + figure.answer_without, TEXT))
     lines.append(("with SD-RPN: " + figure.answer_with, TEXT))
-    peak = float(np.max(probability)) if probability.size else 0.0
-    lines.append((f"left: RoI map (max p={peak:.2f}), mask (white), {len(figure.boxes)} RoI box(es) (green), "
-                  f"model view (yellow); right: zoomed view", MUTED))
+    lines += [(line, MUTED) for line in legend_lines(figure)]
     if figure.details:
         lines.append((figure.details, MUTED))
     top = size + 2 * MARGIN

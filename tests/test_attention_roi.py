@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.logits import assert_same_step_logits
 from helpers.tiny_models import TINY_GRID, tiny_llava, tiny_prompt
 from sdrpn import RPN, SDRPN
 
@@ -72,14 +73,17 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(tiny):
     _, processor, engine = tiny
     images = _images([(140, 100), (90, 160)], seed=1)
     batch = processor(images=images, text=[tiny_prompt(q) for q in QUESTIONS], return_tensors="pt", padding=True)
-    together = engine.generate(**batch, images=images, method="sdrpn-attention", max_new_tokens=4, return_roi=True)
+    together = engine.generate(**batch, images=images, method="sdrpn-attention", max_new_tokens=4, return_roi=True,
+                               output_logits=True)
     for row, (image, question) in enumerate(zip(images, QUESTIONS)):
         alone = processor(images=[image], text=[tiny_prompt(question)], return_tensors="pt")
-        single = engine.generate(**alone, images=[image], method="sdrpn-attention", max_new_tokens=4, return_roi=True)
+        single = engine.generate(**alone, images=[image], method="sdrpn-attention", max_new_tokens=4, return_roi=True,
+                                 output_logits=True)
         length = alone["input_ids"].shape[1]
         generated = together.sequences[row, batch["input_ids"].shape[1]:]
         assert torch.equal(generated[: single.sequences.shape[1] - length], single.sequences[0, length:])
         assert int(together.visual_tokens[row]) == int(single.visual_tokens[0])
+        assert_same_step_logits([step[row] for step in together.logits], [step[0] for step in single.logits])
 
 
 def test_an_rpn_trained_with_sinks_kept_reads_the_map_with_sinks_kept(tiny):

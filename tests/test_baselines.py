@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.logits import assert_same_step_logits
 from helpers.tiny_models import TINY_GRID, TINY_IMAGE, tiny_llava, tiny_prompt
 from sdrpn import RPN, SDRPN
 from sdrpn.engine.baselines import GENERIC_PROMPT, relative_attention, select_window
@@ -100,12 +101,14 @@ def test_vicrop_appends_a_second_image_and_batches_like_single_rows(tiny):
     _, processor, engine = tiny
     images = _images([(130, 70), (64, 200)])
     inputs = processor(images=images, text=[tiny_prompt(q) for q in QUESTIONS], return_tensors="pt", padding=True)
-    together = engine.generate(**inputs, images=images, method="vicrop", max_new_tokens=4, return_roi=True)
+    together = engine.generate(**inputs, images=images, method="vicrop", max_new_tokens=4, return_roi=True,
+                               output_logits=True)
     assert together.visual_tokens.tolist() == [2 * TINY_GRID[0] * TINY_GRID[1]] * 2
     for row in range(2):
         single = processor(images=[images[row]], text=[tiny_prompt(QUESTIONS[row])], return_tensors="pt")
-        alone = engine.generate(**single, images=[images[row]], method="vicrop", max_new_tokens=4)
-        assert torch.equal(together.sequences[row, -4:], alone[0, -4:])
+        alone = engine.generate(**single, images=[images[row]], method="vicrop", max_new_tokens=4, output_logits=True)
+        assert torch.equal(together.sequences[row, -4:], alone.sequences[0, -4:])
+        assert_same_step_logits([step[row] for step in together.logits], [step[0] for step in alone.logits])
 
 
 def test_peer_methods_need_the_images(tiny):

@@ -63,6 +63,27 @@ def test_the_plan_measures_each_roi_method_per_configuration_and_mode():
     ]
 
 
+def test_the_default_forces_a_roi():
+    args = bench.parse_args(["--check-args"])
+    assert [config.boxes for config in args.rois] == [bench.centred_square(0.25, GRID)]
+
+
+def test_an_rpn_config_without_roi_tokens_is_called_out():
+    record = {"configs": {"rpn": {"boxes": None, "roi_tokens": 0.0}, "none": {"boxes": [], "roi_tokens": 0.0},
+                          "box:0.25": {"boxes": [[6, 6, 18, 18]], "roi_tokens": 144.0}}}
+    assert bench.roi_less_configs(record) == ["rpn"]
+
+
+@pytest.mark.parametrize("load, busy", [(0.4, False), (1.5, True)])
+def test_a_busy_machine_is_warned_about(monkeypatch, capsys, load, busy):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.print_load("before the run") == f"load average {load:.1f} on 2 cores"
+    captured = capsys.readouterr()
+    assert captured.out == f"before the run: load average {load:.1f} on 2 cores\n"
+    assert ("other processes are using the CPU" in captured.err) == busy
+
+
 def test_check_args_validates_and_stops(capsys):
     arguments = ["--arch", "llava-1.5-7b", "--random-weights", "--device", "cuda", "--dtype", "bfloat16",
                  "--batch", "8", "--rois", "box:0.25,masked:0.3,none", "--methods", "sdrpn", "--check-args"]
@@ -81,6 +102,7 @@ def test_a_tiny_run_measures_both_engine_modes_against_the_same_baseline(tmp_pat
                        "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["baseline_vs_generate_equal"] and list(record["methods"]) == ["baseline"]
+    assert record["load_before"].startswith("load average") and record["load_after"].startswith("load average")
     masked, none = record["configs"]["masked:0.3"], record["configs"]["none"]
     assert (masked["roi_tokens"], none["roi_tokens"]) == (162, 0)
     for config in (masked, none):

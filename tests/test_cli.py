@@ -224,6 +224,28 @@ def test_eval_plot_writes_png_and_numbers(capsys, tmp_path):
     assert any(row.startswith("textvqa,sdrpn,VQA accuracy,0.58,2.5,0.625,760") for row in rows)
 
 
+def test_eval_plot_titles_each_benchmark_with_its_model_and_labels_points_with_visual_tokens(
+        capsys, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from sdrpn.eval.report import update_results
+
+    header = {"benchmark": "jsonl", "metric": "exact match", "data": "/data", "split": None, "num_samples": 10}
+    summaries = {name: {"score": score, "samples_per_s": 2.0, "mean_visual_tokens": tokens, "num_samples": 10,
+                        "with_roi": 0.0, "subsets": {}, "settings": {"model": "/ckpt/tiny-llava"}}
+                 for name, score, tokens in (("baseline", 0.2, 144), ("res-scaling", 0.3, 576))}
+    update_results(tmp_path / "results.json", header, summaries)
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: (drawn.append(figure), save(figure, *a, **k)))
+    status, _, err = run_cli(capsys, "eval", "--plot", tmp_path / "plot.png", tmp_path / "results.json")
+    assert status == 0, err
+    (axis,) = drawn[0].axes
+    assert axis.get_title() == "jsonl · tiny-llava"
+    assert sorted(text.get_text() for text in axis.texts) == ["144 visual tokens", "576 visual tokens"]
+    assert (tmp_path / "plot.csv").read_text().splitlines()[1].endswith(",tiny-llava")
+
+
 def test_eval_plot_errors(capsys, tmp_path):
     status, _, err = run_cli(capsys, "eval", "--plot", tmp_path / "plot.png")
     assert_user_error(status, err, "--plot needs at least one results file")
@@ -445,3 +467,124 @@ def test_user_errors_are_one_line_without_traceback(capsys, checkpoint, case, ar
             rest += [option, str(value)]
     status, _, err = run_cli(capsys, command, *rest)
     assert_user_error(status, err, *[f.format(root=checkpoint) for f in fragments])
+
+
+# ------------------------------------------------------------------------------------------------
+# methods without an RPN, answers people can read, bad records
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["baseline", "res-scaling", "vicrop"])
+def test_the_methods_that_read_no_rpn_need_no_rpn(capsys, checkpoint, method):
+    plain = ["--model", checkpoint / "model", "--device", "cpu"]
+    status, out, err = run_cli(capsys, "generate", *plain, "--image", checkpoint / "sign.png", "--question",
+                               "what color is the sign?", "--method", method, "--max-new-tokens", "2", "--json")
+    assert status == 0, err
+    report = json.loads(out)
+    assert report["method"] == method and "threshold" not in report
+
+
+def test_an_rpn_method_without_an_rpn_says_which_need_none(capsys, checkpoint, tmp_path):
+    plain = ["--model", checkpoint / "model", "--device", "cpu"]
+    status, _, err = run_cli(capsys, "generate", *plain, "--image", checkpoint / "sign.png", "--question", "q")
+    assert_user_error(status, err, "--rpn is required for sdrpn", "baseline, res-scaling, vicrop need none")
+    data = write_jsonl_benchmark(tmp_path / "data", count=1)
+    status, _, err = run_cli(capsys, "eval", *plain, "--benchmark", "jsonl", "--data", data, "--method", "baseline",
+                             "sdrpn-attention", "--out", tmp_path / "r.json")
+    assert_user_error(status, err, "--rpn is required for sdrpn-attention")
+
+
+def test_eval_without_an_rpn_runs_the_methods_that_need_none(capsys, checkpoint, tmp_path):
+    data = write_jsonl_benchmark(tmp_path / "data", count=2)
+    out = tmp_path / "results.json"
+    status, _, err = run_cli(capsys, "eval", "--model", checkpoint / "model", "--device", "cpu", "--benchmark",
+                             "jsonl", "--data", data, "--method", "baseline", "res-scaling", "--max-new-tokens", "2",
+                             "--no-progress", "--out", out)
+    assert status == 0, err
+    results = json.loads(out.read_text())
+    assert set(results["methods"]) == {"baseline", "res-scaling"}
+    assert results["prompts"]["template"] == "vicuna_v1"  # LLaVA's, without an RPN to say otherwise
+    assert all("rpn" not in summary and "rpn_weights" not in summary["settings"]
+               for summary in results["methods"].values())
+
+
+def test_an_empty_answer_is_shown_as_such(capsys, checkpoint, monkeypatch):
+    from sdrpn.eval import predictors
+    from sdrpn.eval.runner import EMPTY_ANSWER, Prediction
+
+    def answer_nothing(self, images, prompts, output_logits=False):
+        return predictors.EngineOutput([Prediction(text="", visual_tokens=144) for _ in images], None, 0.01)
+
+    monkeypatch.setattr(predictors.EnginePredictor, "run", answer_nothing)
+    status, out, err = run_cli(capsys, "generate", *model_args(checkpoint), "--image", checkpoint / "sign.png",
+                               "--question", "what color is the sign?", "--method", "baseline")
+    assert status == 0, err
+    assert out.splitlines()[0] == f"answer: {EMPTY_ANSWER}" == "answer: (empty: the model stopped at once)"
+
+
+def test_k_and_t_out_of_range_say_the_valid_range():
+    from sdrpn.commands.common import check_rpn_layers
+    from sdrpn.errors import UserError
+
+    check_rpn_layers(4, 3, 8)
+    check_rpn_layers(0, 8, 8)
+    for start, blocks in ((15, 3), (6, 3), (-1, 2), (8, 1)):
+        with pytest.raises(UserError, match=r"this model has 8 layers \(0 \.\. 7\): K must be 0 \.\. 7 and T "
+                                            r"1 \.\. 8 - K \(for example --K 4 --T 3\)"):
+            check_rpn_layers(start, blocks, 8)
+    with pytest.raises(UserError, match="for example --K 15 --T 3"):
+        check_rpn_layers(30, 3, 32)
+
+
+def test_eval_reports_counts_and_skips_bad_records(capsys, checkpoint, tmp_path):
+    data = write_jsonl_benchmark(tmp_path / "data", count=3)
+    (data / "images" / "2.png").write_text("not an image")
+    lines = (data / "test.jsonl").read_text().splitlines()
+    lines.insert(1, '{"question_id": "broken", "image": ')
+    lines.append(json.dumps({"question_id": "gone", "image": "images/gone.png", "question": "q", "answers": ["x"]}))
+    lines.append(json.dumps({"question_id": "no-answer", "image": "images/0.png", "question": "q"}))
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results.json"
+    status, stdout, err = run_cli(capsys, "eval", *model_args(checkpoint), "--benchmark", "jsonl", "--data", data,
+                                  "--method", "baseline", "sdrpn", "--threshold", "0.17", "--max-new-tokens", "2",
+                                  "--no-progress", "--out", out)
+    assert status == 0, err
+    path = data / "test.jsonl"
+    assert f"sdrpn eval: {path}:2: skipped: unreadable line: Expecting value at column 36" in err
+    assert f"sdrpn eval: {path}:5 (question_id gone): skipped: image not found: {data / 'images/gone.png'}" in err
+    assert f"sdrpn eval: {path}:6 (question_id no-answer): skipped: missing field 'answer'" in err
+    assert f"sdrpn eval: {path}:4 (question_id q2): skipped: corrupt or unreadable image: " in err
+    assert err.count("question_id q2") == 1  # found by the first method, not tried again
+    assert ("skipped 4 records: 1 unreadable line, 1 missing field 'answer', 1 image not found, "
+            "1 corrupt or unreadable image (each reported above)") in stdout
+    assert stdout.startswith("jsonl: 2 questions (4 records skipped), metric exact match")
+    results = json.loads(out.read_text())
+    assert results["skipped"] == 4 and results["num_samples"] == 2
+    assert [summary["num_samples"] for summary in results["methods"].values()] == [2, 2]
+
+
+def test_eval_resumes_on_the_rpns_weights_not_its_path(capsys, checkpoint, tmp_path):
+    import shutil
+
+    from helpers.tiny_models import tiny_llava
+    from sdrpn import RPN
+
+    data = write_jsonl_benchmark(tmp_path / "data", count=2)
+    out = tmp_path / "results.json"
+    shutil.copytree(checkpoint / "rpn", tmp_path / "rpn")
+    question = ["--benchmark", "jsonl", "--data", data, "--method", "sdrpn", "--threshold", "0.17",
+                "--max-new-tokens", "2", "--no-progress", "--out", out]
+    arguments = ["--model", checkpoint / "model", "--device", "cpu"]
+    assert run_cli(capsys, "eval", *arguments, "--rpn", tmp_path / "rpn", *question)[0] == 0
+    first = json.loads(out.read_text())["methods"]["sdrpn"]
+    assert first["settings"]["rpn_weights"].startswith("sha256:") and first["rpn"] == str(tmp_path / "rpn")
+    assert first["timed_samples"] == 2
+    shutil.move(tmp_path / "rpn", tmp_path / "moved")  # the same RPN elsewhere: resumed, nothing to answer
+    status, _, err = run_cli(capsys, "eval", *arguments, "--rpn", tmp_path / "moved", *question)
+    assert status == 0, err
+    again = json.loads(out.read_text())["methods"]["sdrpn"]
+    assert again["rpn"] == str(tmp_path / "moved") and again["score"] == first["score"]
+    shutil.rmtree(tmp_path / "moved")  # another RPN written where the first one was: not mixed with it
+    RPN.from_model(tiny_llava()[0], 2, 2).save_pretrained(tmp_path / "moved")
+    status, _, err = run_cli(capsys, "eval", *arguments, "--rpn", tmp_path / "moved", *question)
+    assert status == 2 and "holds predictions made with other settings (rpn_weights:" in err

@@ -1,5 +1,6 @@
-"""Benchmark readers on small fixtures written in each benchmark's official format, and on
-malformed files that must be refused with a message naming the file and the problem."""
+"""Benchmark readers on small fixtures written in each benchmark's official format, on malformed
+files that must be refused with a message naming the file and the problem, and on single bad
+records, skipped and reported with their file, line and reason when the caller collects them."""
 
 from __future__ import annotations
 
@@ -275,7 +276,7 @@ def test_pope_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"coco_pope_random.json: line 3: label must be 'yes' or 'no'"):
         load_benchmark("pope", tmp_path, split="random")
     path.write_text("not json\n")
-    with pytest.raises(DatasetError, match=r"coco_pope_random.json: line 1 is not valid JSON"):
+    with pytest.raises(DatasetError, match=r"coco_pope_random.json: line 1: unreadable line: Expecting value"):
         load_benchmark("pope", tmp_path, split="random")
     with pytest.raises(DatasetError, match="expected a POPE question file named"):
         load_benchmark("pope", write_jsonl(tmp_path / "questions.jsonl", [{}]))
@@ -405,6 +406,59 @@ def test_jsonl_duplicate_ids_and_missing_split(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DatasetError, match="empty.jsonl: no records"):
         load_benchmark("jsonl", tmp_path / "empty.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad records: skipped and reported when the caller collects them
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_jsonl_records_are_skipped_with_file_line_and_reason(tmp_path):
+    write_image(tmp_path / "a.png")
+    good = {"question_id": "ok", "image": "a.png", "question": "q", "answers": ["x"]}
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join([
+        json.dumps(good),
+        '{"question_id": "cut", "image": ',
+        json.dumps({**good, "question_id": "gone", "image": "gone.png"}),
+        json.dumps({**good, "question_id": "boxed", "box": [5, 2, 3, 4]}),
+        json.dumps(good),
+        "[1, 2]",
+    ]) + "\n")
+    issues = []
+    (sample,) = load_benchmark("jsonl", path, issues=issues)
+    assert (sample.question_id, sample.file, sample.line) == ("ok", str(path), 1)
+    assert [(issue.file, issue.line, issue.question_id, issue.reason) for issue in issues] == [
+        (str(path), 2, None, "unreadable line: Expecting value at column 33"),
+        (str(path), 6, None, "expected a JSON object, got list"),
+        (str(path), 4, "boxed", "box [5, 2, 3, 4] is empty (needs x0 < x1 and y0 < y1)"),
+        (str(path), 3, "gone", f"image not found: {tmp_path / 'gone.png'}"),
+        (str(path), 5, "ok", "question id 'ok' appears twice (first at " + f"{path}:1)"),
+    ]
+    assert str(issues[3]) == f"{path}:3 (question_id gone): skipped: image not found: {tmp_path / 'gone.png'}"
+
+
+def test_bad_records_of_a_json_list_are_placed_by_item(tmp_path):
+    textvqa_fixture(tmp_path)
+    content = json.loads((tmp_path / "TextVQA_0.5.1_val.json").read_text())
+    del content["data"][0]["answers"]
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", content)
+    issues = []
+    assert [s.question_id for s in load_benchmark("textvqa", tmp_path, issues=issues)] == ["34603"]
+    (issue,) = issues
+    assert str(issue).endswith("TextVQA_0.5.1_val.json data[0] (question_id 34602): skipped: missing field 'answers'")
+
+
+def test_no_image_at_all_or_no_usable_question_is_still_an_error(tmp_path):
+    textvqa_fixture(tmp_path)
+    for name in ("img_a.jpg", "img_b.jpg"):
+        (tmp_path / "train_images" / name).unlink()
+    with pytest.raises(DatasetError, match="none of the 2 images it lists exists, for example .*img_a.jpg "
+                                           r"\(--image-root selects another image folder\)"):
+        load_benchmark("textvqa", tmp_path, issues=[])
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "question": "q"}])
+    with pytest.raises(DatasetError, match=r"q.jsonl: no usable question \(1 skipped; first: .*missing field"):
+        load_benchmark("jsonl", path, issues=[])
 
 
 # ------------------------------------------------------------------------------------------------

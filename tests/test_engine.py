@@ -196,16 +196,21 @@ def test_no_roi_equals_model_generate(tiny, engine, batch, how):
 
 
 def test_batch_equals_each_sample_alone(tiny, engine, batch):
+    """Tokens and every step's logits: a row that read a few wrong tokens (another row's RoI slots,
+    say) can keep its tokens on a tiny model, not its logits."""
     processor = tiny[1]
     inputs, images = batch
     roi_logits = forced_logits(ROI_BOXES, TINY_GRID)
-    together = engine.generate(**inputs, images=images, max_new_tokens=NEW_TOKENS, roi_logits=roi_logits)
+    together = engine.generate(**inputs, images=images, max_new_tokens=NEW_TOKENS, roi_logits=roi_logits,
+                               output_logits=True)
     prompt_length = inputs["input_ids"].shape[1]
     for index in range(3):
         single, image = _row(inputs, images, index, processor)
-        alone = engine.generate(**single, images=image, max_new_tokens=NEW_TOKENS, roi_logits=roi_logits[index:index + 1])
-        generated = alone[0, single["input_ids"].shape[1]:]
-        assert torch.equal(together[index, prompt_length:prompt_length + generated.shape[0]], generated)
+        alone = engine.generate(**single, images=image, max_new_tokens=NEW_TOKENS,
+                                roi_logits=roi_logits[index:index + 1], output_logits=True)
+        generated = alone.sequences[0, single["input_ids"].shape[1]:]
+        assert torch.equal(together.sequences[index, prompt_length:prompt_length + generated.shape[0]], generated)
+        _assert_logits_close([step[index:index + 1] for step in together.logits[:len(alone.logits)]], alone.logits)
 
 
 # -- entry points ----------------------------------------------------------------------------------

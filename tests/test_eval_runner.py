@@ -292,3 +292,28 @@ def test_engine_predictor_refuses_likelihood_without_letter_tokens():
     engine = FirstTokenEngine(tiny_processor(), [0])  # the word-level vocabulary has no "A", "B"
     with pytest.raises(UserError, match="no distinct token for each option letter"):
         EnginePredictor(engine, "baseline").rank_options([Image.new("RGB", (8, 8))], ["q"], [("x", "y")])
+
+
+def test_a_crop_given_as_source_squares_is_the_questions_roi():
+    """ViCrop's crop, given as the (B, 4) squares ``[x0, y0, side, side]`` it cut from the source
+    images, counts as each question's RoI, in source pixels ``[x0, y0, x1, y1)``."""
+    import torch
+
+    from sdrpn.eval.predictors import roi_boxes
+
+    squares = torch.tensor([[10, 20, 96, 96], [0, 5, 40, 40]])
+    images = [Image.new("RGB", (200, 150)), Image.new("RGB", (50, 60))]
+    assert roi_boxes(None, squares, images) == [[[10.0, 20.0, 106.0, 116.0]], [[0.0, 5.0, 40.0, 45.0]]]
+    assert roi_boxes(None, None, images) == [[], []]
+
+
+def test_throughput_counts_the_questions_answered_in_this_run_only():
+    records = [{"question_id": "earlier", "latency_s": 4.0, "batch_size": 1, "score": 1.0, "visual_tokens": 144,
+                "boxes": [], "subset": ""},
+               {"question_id": "now", "latency_s": 0.5, "batch_size": 1, "score": 0.0, "visual_tokens": 144,
+                "boxes": [], "subset": ""}]
+    summary = runner.summarize_records(SETTINGS, records, Path("p.jsonl"), timed={"now"})
+    assert summary["samples_per_s"] == pytest.approx(2.0) and summary["timed_samples"] == 1
+    assert summary["num_samples"] == 2 and summary["score"] == 0.5
+    resumed = runner.summarize_records(SETTINGS, records, Path("p.jsonl"), timed=set())  # nothing new: all
+    assert resumed["samples_per_s"] == pytest.approx(2 / 4.5) and resumed["timed_samples"] == 2

@@ -271,7 +271,7 @@ def test_label_job_writes_consistent_shards_and_reports_every_bad_record(dataset
     issues = [json.loads(line) for line in (tmp_path / "issues.jsonl").read_text().splitlines()]
     found = {(issue["line"], issue["action"], issue["reason"].split(":")[0]) for issue in issues}
     assert found == {(3, "skipped", "image not found"), (6, "skipped", "unreadable line"),
-                     (12, "skipped", "corrupt or unreadable image " + str(images / "corrupt.png")),
+                     (12, "skipped", "corrupt or unreadable image"),
                      (13, "converted", "L image converted to RGB"), (14, "skipped", "empty question")}
     assert all(issue["file"] == str(data) for issue in issues)
     report = summary.report()
@@ -282,6 +282,55 @@ def test_label_job_writes_consistent_shards_and_reports_every_bad_record(dataset
     again = _run(labeller, data, images, tmp_path)
     assert again.labelled == 0 and again.already_done == 10 and len(shard_paths(tmp_path)) == 3
     assert_same_labels(comparable(tmp_path), before)
+
+
+def test_ctrl_c_saves_the_labelled_samples_and_says_how_to_resume(dataset, tmp_path, capsys, monkeypatch):
+    from sdrpn.cli import INTERRUPTED_EXIT, main
+    from sdrpn.errors import Interrupted
+
+    data, images = dataset
+    model, processor = sharpened_tiny_llava()
+    labeller = Labeller(model, processor, label_options(shard_size=100))  # no shard would be full yet
+    label, batches = labeller.label, []
+
+    def interrupted_at_the_third_batch(*args):
+        batches.append(1)
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return label(*args)
+
+    labeller.label = interrupted_at_the_third_batch
+    with pytest.raises(Interrupted) as stopped:
+        _run(labeller, data, images, tmp_path)
+    saved = len(completed_records(tmp_path))
+    assert saved == 5  # the two batches labelled before Ctrl-C (one record skipped), written on the way out
+    assert str(stopped.value) == (f"{saved} labelled samples are saved in {tmp_path} (5 of them in this run); "
+                                  f"rerun the same command to resume")
+
+    from sdrpn.commands import label as command
+
+    def interrupted_command(args):
+        raise stopped.value
+
+    monkeypatch.setattr(command, "run", interrupted_command)
+    capsys.readouterr()
+    status = main(["label", "--model", ".", "--data", str(data), "--image-root", str(images), "--out", "x"])
+    assert status == INTERRUPTED_EXIT
+    assert capsys.readouterr().err == f"sdrpn label: interrupted; {stopped.value}\n"
+
+    labeller.label = label  # the rerun labels the rest only
+    summary = _run(labeller, data, images, tmp_path)
+    assert summary.already_done == 5 and summary.total_samples == 10
+
+
+def test_shards_are_written_on_time_as_well_as_by_size(dataset, tmp_path):
+    data, images = dataset
+    model, processor = sharpened_tiny_llava()
+    # Every batch of 3 waits longer than no time at all: each becomes a shard of its own (fewer samples
+    # where a record was skipped), never a full one of 100.
+    labeller = Labeller(model, processor, label_options(shard_size=100, flush_seconds=0.0))
+    _run(labeller, data, images, tmp_path)
+    assert [len(read_shard(path)[1]) for path in shard_paths(tmp_path)] == [2, 3, 3, 2]
 
 
 def test_label_job_refuses_to_mix_settings(dataset, tmp_path):
@@ -401,6 +450,17 @@ def test_head_scorer_prefers_concentrated_image_attention_that_moves_with_the_qu
         scorer.update(3, rows[:, :, :, :8], torch.ones(2, 3, dtype=torch.bool), sink[:, :8])
 
 
+def test_one_calibration_sample_selects_nothing():
+    from sdrpn.distill.heads import HeadScorer
+
+    rows = torch.zeros(1, 2, 3, 16)
+    rows[0, 0, :, 5] = 0.9  # sharp, but with one sample no head can show it moves with the question
+    scorer = HeadScorer([3], num_heads=2)
+    scorer.update(3, rows, torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"every head scores 0 over the 1 usable calibration sample\(s\)"):
+        scorer.select(3)
+
+
 def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, checkpoint, tmp_path, capsys):
     from sdrpn.cli import main
 
@@ -415,6 +475,8 @@ def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, chec
     assert json.loads(out.read_text())["prompt"]["name"] == PROMPT  # the template the heads were scored with
     assert "rank  layer  head" in captured.out and "selected 1:2" in captured.out
     assert "image not found" in captured.err  # the bad records are reported, not fatal
+    assert "skipped 4 records: " in captured.out
+    assert "warning: only 10 usable calibration samples were scored; below 32" in captured.err
     status = main(["label", "--model", str(checkpoint), "--device", "cpu", "--data", str(data), "--image-root", str(images),
                    "--heads", str(out), "--sink", "none", "--max-new-tokens", "4", "--max-samples", "2",
                    "--prompt", PROMPT, "--out", str(tmp_path / "labels"), "--no-progress"])

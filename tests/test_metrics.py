@@ -88,15 +88,25 @@ def test_exact_match():
         ("hello", ["hello"], 1.0),
         ("hallo", ["hello"], 0.8),  # 1 edit / 5 chars
         ("abce", ["abcd"], 0.75),
-        ("ac", ["ab"], 0.0),  # distance exactly 0.5 is not < 0.5
+        ("ac", ["ab"], 0.5),  # distance exactly 0.5 is kept, as the official script does
+        ("abc", ["a"], 0.0),  # distance 2/3
         ("xyz", ["abc"], 0.0),
         ("Hello   World ", ["hello world"], 1.0),  # case and whitespace runs ignored
+        ("Hello  Wrld", ["hello world"], 1 - 1 / 11),  # 1 edit (after collapsing the spaces) in 11
         ("hallo", ["zzzzz", "hello"], 0.8),  # best reference counts
         ("", ["abc"], 0.0),
+        ("", [""], 1.0),  # nothing to compare: no distance
+        ("strase", ["straße"], 1 - 1 / 7),  # raw length upper-cased: "STRASSE" is 7 long
     ],
 )
 def test_anls(pred, answers, expected):
     assert anls(pred, answers) == pytest.approx(expected)
+
+
+def test_anls_divides_by_the_raw_length():
+    # "a  b" (raw 4, normalised "a b") against "a c": 1 edit; raw length 4 gives 0.75, the
+    # normalised length 3 would give 2/3
+    assert anls("a  b", ["a c"]) == pytest.approx(0.75)
 
 
 def test_anls_threshold():
@@ -117,6 +127,9 @@ def test_anls_threshold():
         ("50%", "0.5", 1.0),  # percent sign divides by 100
         ("0", "0", 1.0),  # zero target: exact string match
         ("0.0", "0", 0.0),
+        ("50%%", "0.5", 1.0),  # every trailing percent sign goes
+        (" 12", "12", 1.0),  # float() reads surrounding whitespace
+        ("Yes ", "yes", 0.0),  # text is compared as given, not stripped
         ("Yes", "yes", 1.0),
         ("Brazil", "Argentina", 0.0),
         ("12", "twelve", 0.0),
@@ -137,9 +150,13 @@ def test_ocrbench_match():
     assert ocrbench_match("The sign says HELLO world", ["hello"]) == 1.0
     assert ocrbench_match("goodbye", ["hello", "bye"]) == 1.0
     assert ocrbench_match("goodbye", ["hello"]) == 0.0
-    # handwritten maths: spaces ignored, case matters
+    assert ocrbench_match("Line one\nline two", ["one line"]) == 1.0  # line breaks become spaces
+    assert ocrbench_match("ＡＢＣ", ["abc"]) == 0.0  # no full-width folding, as the official code
+    # handwritten maths: spaces and line breaks ignored, case matters, tabs count
     assert ocrbench_match("x ^ { 2 }", ["x^{2}"], source="HME100k") == 1.0
+    assert ocrbench_match("x ^\n{ 2 }", ["x^{2}"], source="HME100k") == 1.0
     assert ocrbench_match("X^{2}", ["x^{2}"], source="HME100k") == 0.0
+    assert ocrbench_match("x^\t{2}", ["x^{2}"], source="HME100k") == 0.0
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,16 @@ def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
     assert calibrated_threshold([0.5, 0.75, 0.0], (0.1, 0.2, 0.3)) == 0.2
 
 
+def test_a_threshold_on_an_end_of_the_search_range_is_warned_about():
+    from sdrpn.distill.train import _range_edge_warning
+
+    low, middle, high = CALIBRATION_THRESHOLDS[0], CALIBRATION_THRESHOLDS[5], CALIBRATION_THRESHOLDS[-1]
+    assert _range_edge_warning(middle, 0.3) is None
+    assert f"{low:g} is the lowest of the search range {low:g} .. {high:g}" in _range_edge_warning(low, 0.3)
+    assert f"{high:g} is the highest of the search range" in _range_edge_warning(high, 0.3)
+    assert "IoU 0 at every one" in _range_edge_warning(high, 0.0)
+
+
 # The label rules of a hand-built 4x4 label run (assign_labels' defaults).
 RULES = dict(tau_fg=0.2, tau_bg=0.1, max_box_frac=0.5, min_peak=0.0, blur_box=False)
 

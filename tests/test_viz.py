@@ -1,10 +1,13 @@
-"""The RoI picture: fixed size, heatmap over the grid's extent, boxes, contour and crop panel."""
+"""The RoI picture: fixed size, the map over the grid's extent without changing the image's colours,
+boxes, contour, crop panel, and a caption whose region count matches the mask."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sdrpn.viz import BOX_COLOR, MARGIN, RoIFigure, figure_size, heat_colors, render
+from sdrpn.viz import BOX_COLOR, DIM_FLOOR, MARGIN, RoIFigure, figure_size, heat_colors, legend_lines, render
+
+CYAN = (0, 200, 200)
 
 
 def test_heat_colors_span_the_scale():
@@ -15,7 +18,7 @@ def test_heat_colors_span_the_scale():
 
 
 def figure(crop=True) -> RoIFigure:
-    image = Image.new("RGB", (300, 200), (128, 128, 128))
+    image = Image.new("RGB", (300, 200), CYAN)
     probability = np.zeros((4, 4), dtype=np.float32)
     probability[0, 3] = 1.0  # top-right cell of a grid covering the central 200x200 square
     return RoIFigure(image=image, probability=probability, mask=probability > 0.5, grid_extent=[50, 0, 250, 200],
@@ -31,16 +34,25 @@ def test_render_size_and_content(size):
     pixels = np.asarray(picture).astype(int)
     scale = size / 300  # the 300x200 image is letterboxed into the size x size panel
     top = MARGIN + (size - round(200 * scale)) // 2
-    # the high-probability cell is coloured red-ish, a zero cell keeps mostly the grey image
+    # The map lights the image and never tints it: the high-probability cell keeps the source colour,
+    # a zero cell is dimmed with the same hue (a question names its shape by that colour).
     hot = pixels[top + round(25 * scale), MARGIN + round(235 * scale)]
     cold = pixels[top + round(150 * scale), MARGIN + round(100 * scale)]
-    assert hot[0] > 180 and hot[1] < 110
-    assert abs(cold - 128).max() < 60
+    assert abs(hot - np.array(CYAN)).max() <= 12
+    assert cold[0] == 0 and cold[1] == cold[2] == pytest.approx(DIM_FLOOR * 200, abs=2)
     # the RoI box outline is drawn in its colour on the box's left edge, and only there
     row = top + round(40 * scale)
     left = MARGIN + round(200 * scale)
     assert BOX_COLOR in [tuple(p) for p in pixels[row, left - 3:left + 4]]
     assert BOX_COLOR not in [tuple(p) for p in pixels[row, MARGIN:left - 3]]
+
+
+def test_the_caption_counts_the_mask_regions_and_the_boxes_made_of_them():
+    shown = figure()
+    assert "mask (white): 1 region, each a RoI box (green)" in legend_lines(shown)[1]
+    shown.mask = np.zeros((4, 4), dtype=bool)
+    shown.mask[0, 3] = shown.mask[3, 0] = shown.mask[3, 1] = True  # two regions; one became a box
+    assert "mask (white): 2 regions, 1 kept as RoI box (green), 1 dropped by the RoI filters" in legend_lines(shown)[1]
 
 
 def test_render_without_roi_and_bad_grids():

@@ -27,6 +27,8 @@ EPILOG = """\
   sdrpn bench e2e --help                        # a benchmark's own options
 
 Everything after the benchmark's name is passed to its script (benchmarks/bench_<name>.py).
+e2e builds models with random weights, so it forces a RoI (--rois box:0.25 by default; a random RPN
+proposes none), and warns when the machine is busy.
 The scripts are in the source checkout; set SDRPN_BENCHMARKS_DIR when the package was not
 installed from one with `pip install -e .`."""
 

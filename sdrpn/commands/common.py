@@ -114,16 +114,21 @@ def format_box(box) -> str:
     return f"[{', '.join(f'{v:g}' for v in box)}]"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, rpn: str = "optional", required: bool = True) -> None:
+# What the --rpn help of the commands that run methods adds: which methods need no RPN.
+RPN_FREE_METHODS_NOTE = "; baseline, res-scaling and vicrop need none"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, rpn: str = "optional", required: bool = True,
+                        rpn_note: str = "") -> None:
     """Add ``--model``, ``--device``, ``--dtype``, ``--attn-implementation`` and, unless ``rpn`` is
-    "none", ``--rpn`` ("required" or "optional"). With ``required=False`` the command checks
-    ``--model`` itself (for modes that need no model)."""
+    "none", ``--rpn`` ("required" or "optional"; ``rpn_note`` ends its help). With ``required=False``
+    the command checks ``--model`` itself (for modes that need no model)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=required, type=existing_dir, metavar="DIR",
                        help="local Hugging Face checkpoint directory (config.json, weights, processor files)")
     if rpn != "none":
         group.add_argument("--rpn", required=required and rpn == "required", type=existing_dir, metavar="DIR",
-                           help="RPN directory written by RPN.save_pretrained (sdrpn train --out)")
+                           help=f"RPN directory written by RPN.save_pretrained (sdrpn train --out){rpn_note}")
     group.add_argument("--device", default=None, metavar="DEVICE",
                        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu; "
                             "under torchrun, cuda means the process's local GPU)")
@@ -276,10 +281,26 @@ def match_processor_geometry(model, processor, geometry: str, source: str) -> No
               f"(image_processor.do_pad = {geometry == 'pad'})", file=sys.stderr)
 
 
+def check_rpn_layers(start_layer: int, num_blocks: int, num_layers: int) -> None:
+    """``--K``/``--T`` against a model of ``num_layers`` layers: the RPN spans layers K .. K+T-1, which
+    must exist. A bad pair is a user error that says the valid range and a pair to start from (K at
+    LLaVA-1.5's relative depth, 15 of 32)."""
+    if 0 <= start_layer < num_layers and 1 <= num_blocks <= num_layers - start_layer:
+        return
+    suggested = min(round(num_layers * 15 / 32), num_layers - 1)
+    raise UserError(
+        f"--K {start_layer} --T {num_blocks}: the RPN spans layers K .. K+T-1, and this model has {num_layers} "
+        f"layers (0 .. {num_layers - 1}): K must be 0 .. {num_layers - 1} and T 1 .. {num_layers} - K "
+        f"(for example --K {suggested} --T {min(3, num_layers - suggested)})")
+
+
 def load_rpn(args: argparse.Namespace, model):
-    """Load ``--rpn`` for ``model``; an RPN trained for another model is a user error."""
+    """Load ``--rpn`` for ``model`` (None without ``--rpn``); an RPN trained for another model is a
+    user error."""
     from .. import RPN
 
+    if args.rpn is None:
+        return None
     try:
         return RPN.from_pretrained(args.rpn, model)
     except (OSError, ValueError) as exc:

@@ -77,7 +77,7 @@ def _answer(predictor, sample: SyntheticSample) -> EngineOutput:
 
 
 def _marked(prediction, sample: SyntheticSample) -> str:
-    return f"{prediction.text or '(none)'} ({'right' if _is_right(prediction, sample) else 'wrong'})"
+    return f"{prediction.shown_text} ({'right' if _is_right(prediction, sample) else 'wrong'})"
 
 
 def _boxes(boxes) -> str:

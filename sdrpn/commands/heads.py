@@ -18,6 +18,8 @@ EPILOG = """\
 Each head is scored over the calibration answers by image share x specificity: the Jensen-Shannon
 divergence of its answer-to-image maps across questions (sink tokens removed), high only for a head
 that is concentrated and looks at a different place for every question; see sdrpn.distill.heads.
+Fewer than 32 usable records draw a warning; when every head scores 0 nothing is selected.
+Records that cannot be used are reported with file, line and reason, skipped and counted.
 The top heads (those within --min-score-ratio of the best) are written to --out (default
 heads.json), which `sdrpn label --heads FILE` reads; it records the conversation template (--prompt)
 the heads were scored with, which the labels should use too.
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..distill.heads import calibrate_heads, format_table, parse_layer_range
+    from ..issues import issues_summary, report_issue
     from ..models import adapter_for
     from ..prompts import template_for
     from .common import load_model
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     sink = sink_spec(args)
     records, issues = read_data(args)
     for issue in issues:
-        print(f"sdrpn heads: {issue}", file=sys.stderr)
+        report_issue("heads", issue)
 
     model, processor = load_model(args)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -72,14 +75,27 @@ def run(args: argparse.Namespace) -> int:
     template = template_for(args.prompt, adapter_for(model, processor))
     scorer, skipped = calibrate_heads(model, processor, records, args.image_root, layers, sink, args.batch_size,
                                       args.max_new_tokens, progress=not args.no_progress, prompt=template)
+    skipped_summary = issues_summary([*issues, *skipped])
     try:
         selection = scorer.select(args.top, args.min_score_ratio)
     except ValueError as exc:
-        raise UserError(f"--data {args.data}: {exc}") from None
+        raise UserError(f"--data {args.data}: {exc}" + (f" ({skipped_summary})" if skipped_summary else "")) from None
     table = scorer.table()
     print(format_table(table, selection, args.show))
-    print(f"scored {len(layers)} layers x {scorer.num_heads} heads over {scorer.samples} samples"
-          + (f" ({len(skipped) + len(issues)} records skipped)" if skipped or issues else ""))
+    print(f"scored {len(layers)} layers x {scorer.num_heads} heads over {scorer.samples} samples")
+    if skipped_summary:
+        print(f"{skipped_summary} (each reported above)")
+    _warn_if_few(scorer.samples)
     selection.save(Path(args.out), table, prompt=template)
     print(f"selected {selection}; wrote {args.out} (use: sdrpn label --heads {args.out})")
     return 0
+
+
+def _warn_if_few(samples: int) -> None:
+    """The ranking of a few samples is mostly noise: say so beside the selection."""
+    from ..distill.heads import RECOMMENDED_SAMPLES
+
+    if samples < RECOMMENDED_SAMPLES:
+        print(f"sdrpn heads: warning: only {samples} usable calibration samples were scored; below "
+              f"{RECOMMENDED_SAMPLES} the ranking is mostly noise (raise --max-samples, or fix the skipped "
+              f"records)", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import UserError
 from .common import add_model_arguments, add_prompt_argument, existing_dir, existing_file, positive_int
@@ -19,8 +18,11 @@ EPILOG = """\
 
 --data is LLaVA instruction data (JSON array or JSON lines with id, image, conversations) or plain
 JSON lines (question_id, image, text). The questions are asked in the conversation template of
---prompt, which run.json records and `sdrpn train` passes on to the RPN. Rerun the same command to
-resume an interrupted run (with the same settings, --prompt included).
+--prompt, which run.json records and `sdrpn train` passes on to the RPN. A record that cannot be
+used (not JSON, no question, image missing or unreadable) is reported with its file, line and
+reason, and skipped; the run ends with their count. Samples are saved every --shard-size samples
+and at least every --flush-seconds; Ctrl-C saves what is labelled and says how much. Rerun the same
+command to resume an interrupted run (with the same settings, --prompt included).
 Output: shard-*.safetensors (grounding, sink, labels), index.jsonl, issues.jsonl, run.json."""
 
 
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-new-tokens", type=positive_int, default=128,
                      help="longest answer generated (default 128)")
     run.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard file (default 256)")
+    run.add_argument("--flush-seconds", type=positive_int, default=60, metavar="S",
+                     help="also write a shard once samples have waited S seconds, so that a killed run keeps "
+                          "its work (default 60)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -119,12 +124,13 @@ def _options(args: argparse.Namespace):
     return LabelOptions(heads=heads, sink=sink, tau_fg=args.tau_fg, tau_bg=args.tau_bg,
                         max_box_frac=args.max_box_frac, min_peak=args.min_peak, blur_box=args.blur_box,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-                        prompt=args.prompt)
+                        flush_seconds=args.flush_seconds, prompt=args.prompt)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..distill.label_job import Labeller, run_label_job, run_settings_for
+    from ..issues import report_issue
     from .common import load_model, resolve_device
 
     options = _options(args)
@@ -132,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group("gloo") as context:
         if context.is_main:
             for issue in issues:
-                print(f"sdrpn label: {issue}", file=sys.stderr)
+                report_issue("label", issue)
         args.device = str(distributed.device_for(context, resolve_device(args.device)))
         model, processor = load_model(args)
         labeller = Labeller(model, processor, options)

@@ -17,10 +17,11 @@ EPILOG = """\
   sdrpn show --model ckpt/llava-1.5-7b-hf --rpn rpn/llava-1.5-7b --image page.png \\
       --question "What is the invoice number?" --threshold 0.1 --size 768 --out invoice.png
 
-Left: the image with the RPN's RoI probabilities as a heatmap over the model's view, the contour
-of the thresholded mask and the RoI boxes. Right: the zoomed crop the model saw in stage 2 (with
-masked upscaling, the parts whose tokens were not kept are dimmed). Below: the question and both
-answers. Both answer the same prompt, in the conversation template the RPN was trained with (--prompt
+Left: the image lit by the RPN's RoI probabilities over the model's view (dimmed where they are
+low, never tinted, so the shapes keep their colours), heat-coloured isolines of them, the contour of
+the thresholded mask and the RoI boxes; the caption counts the mask's regions and the boxes kept of
+them. Right: the zoomed crop the model saw in stage 2 (with masked upscaling, the parts whose tokens
+were not kept are dimmed). Below: the question and both answers. Both answer the same prompt, in the conversation template the RPN was trained with (--prompt
 overrides it)."""
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     figure = roi_figure(engine, image, question, prediction, plain, with_rpn.settings["threshold"], answer.latency_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     render(figure, size=args.size).save(args.out)
-    print(f"with SD-RPN: {prediction.text}")
-    print(f"without:     {plain.text}")
+    print(f"with SD-RPN: {prediction.shown_text}")
+    print(f"without:     {plain.shown_text}")
     print(f"wrote {args.out}")
     return 0

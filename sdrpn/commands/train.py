@@ -39,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     rpn = parser.add_argument_group("RPN")
     rpn.add_argument("--K", type=int, default=15, dest="start_layer",
-                     help="first model layer the RPN replaces; layers below run frozen (default 15)")
+                     help="first model layer the RPN replaces; layers below run frozen (default 15, LLaVA-1.5-7B's; "
+                          "0 .. the model's layers - 1)")
     rpn.add_argument("--T", type=positive_int, default=3, dest="num_blocks",
-                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default 3)")
+                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default 3; K+T at most "
+                          "the model's layers)")
 
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distill.label_job import label_geometry
     from ..distill.train import TrainOptions, read_label_set, train_rpn
     from ..models import adapter_for
-    from .common import load_model, match_processor_geometry, resolve_device
+    from .common import check_rpn_layers, load_model, match_processor_geometry, resolve_device
 
     if not 0.0 <= args.warmup < 1.0:
         raise UserError(f"--warmup must be in [0, 1), got {args.warmup}")
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group(device=device) as context:
         args.device = str(distributed.device_for(context, device))
         model, processor = load_model(args)
+        check_rpn_layers(args.start_layer, args.num_blocks, adapter_for(model, processor).num_layers)
         geometry = label_geometry(label_set.settings)
         if geometry is not None:  # the label maps are on these views: train on them too
             match_processor_geometry(model, processor, geometry, "the labels were made on")

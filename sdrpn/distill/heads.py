@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..issues import report_issue
 from ..prompts import PromptTemplate
 from .attention import AttentionReader, CaptureRequest
 from .records import Record, RecordIssue, open_record_image
 from .sinks import SinkSpec
+
+# Below this many scored samples the ranking is noise-dominated; ``sdrpn heads`` warns.
+RECOMMENDED_SAMPLES = 32
 
 PRESETS = {
     # Released setting of the SD-RPN authors for LLaVA-1.5-7B.
@@ -190,6 +193,10 @@ class HeadScorer:
         if self.samples == 0:
             raise ValueError("no calibration sample had an answer to score the heads on")
         table = self.table()
+        if table[0]["score"] <= 0.0:
+            raise ValueError(f"every head scores 0 over the {self.samples} usable calibration sample(s): a head's "
+                             f"score needs maps that differ between questions; give at least "
+                             f"{RECOMMENDED_SAMPLES} usable records")
         floor = min_score_ratio * table[0]["score"]
         # Scores are >= 0, so the best head always passes a floor of at most its own score.
         return HeadSelection(tuple((entry["layer"], entry["head"]) for entry in table[:top] if entry["score"] >= floor))
@@ -247,7 +254,7 @@ def calibrate_heads(model, processor, records: Sequence[Record], image_root: str
             image, mode_or_issue = open_record_image(image_root, record)
             if image is None:
                 skipped.append(mode_or_issue)
-                bar.write(f"sdrpn heads: {mode_or_issue}", file=sys.stderr)
+                report_issue("heads", mode_or_issue, bar.write)
             else:
                 images.append(image)
                 questions.append(record.question)

@@ -4,11 +4,13 @@ For each batch of records: open the images, let the model answer greedily, then 
 pass over prompt + answer up to the last needed layer reads the grounding heads' rows and the sink
 detector's input (:class:`.attention.AttentionReader`). The grounding map (mean over the selected
 heads and the answer tokens) and the sink mask become labels (:func:`.labels.assign_labels`), and
-every ``shard_size`` samples are written as one atomic shard (:mod:`.shards`).
+every ``shard_size`` samples, and at least every ``flush_seconds``, are written as one atomic shard
+(:mod:`.shards`).
 
 Robustness: a record that cannot be used is reported (file, line, reason) and skipped; the run
-goes on and ends with a summary and ``issues.jsonl``. Killed at any point, the run resumes where
-it stopped: records already in a shard are skipped, so no sample is written twice.
+goes on and ends with a summary and ``issues.jsonl`` (the policy of :mod:`sdrpn.issues`). Killed at
+any point, the run resumes where it stopped: records already in a shard are skipped, so no sample
+is written twice. Ctrl-C first writes the samples labelled so far, then says how many are saved.
 
 Under ``torchrun`` every process labels ``records[rank::world]`` into its own shards; rank 0 then
 writes one ``index.jsonl`` over all shards, in input order.
@@ -18,8 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections import Counter
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +29,14 @@ from typing import Sequence
 import torch
 
 from .. import distributed
-from ..errors import UserError
+from ..errors import Interrupted, UserError
+from ..issues import RecordIssue, issues_summary, report_issue
 from ..models.base import ModelAdapter
 from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
 from .attention import AttentionReader, Capture, CaptureRequest, grounding_map
 from .heads import HeadSelection
 from .labels import assign_labels, is_valid
-from .records import Record, RecordIssue, open_record_image
+from .records import Record, open_record_image
 from .shards import (
     atomic_write,
     completed_records,
@@ -61,7 +63,9 @@ class LabelOptions:
 
     The label rules and their defaults are those of :func:`.labels.assign_labels`. ``prompt`` is the
     conversation template of the questions (a :mod:`sdrpn.prompts` preset name or template; None:
-    the model family's default, resolved by :class:`Labeller`).
+    the model family's default, resolved by :class:`Labeller`). A shard is written every
+    ``shard_size`` samples, and whenever samples have waited ``flush_seconds`` since the last one,
+    so that a killed run loses at most that much work.
     """
 
     heads: HeadSelection
@@ -74,6 +78,7 @@ class LabelOptions:
     max_new_tokens: int = 128
     batch_size: int = 8
     shard_size: int = 256
+    flush_seconds: float = 60.0
     prompt: str | PromptTemplate | None = None
 
     def label_settings(self) -> dict:
@@ -172,12 +177,10 @@ class LabelSummary:
                  f"{self.already_done} were already done"]
         if self.total_samples:
             lines.append(f"output: {self.total_samples} samples, {self.total_valid} with valid labels")
-        skipped = [issue for issue in self.issues if issue.action == "skipped"]
+        skipped = issues_summary(self.issues)
         converted = [issue for issue in self.issues if issue.action == "converted"]
         if skipped:
-            reasons = Counter(_reason_kind(issue.reason) for issue in skipped)
-            lines.append(f"skipped {len(skipped)} record{'s' if len(skipped) != 1 else ''}: "
-                         + ", ".join(f"{n} {kind}" for kind, n in reasons.most_common()))
+            lines.append(f"{skipped} (each reported above, all listed in {ISSUES_NAME})")
         if converted:
             lines.append(f"converted {len(converted)} non-RGB image{'s' if len(converted) != 1 else ''} to RGB "
                          f"(listed in {ISSUES_NAME})")
@@ -204,11 +207,6 @@ def stuck_foreground_warning(out_dir: Path, rows: Sequence[dict]) -> str | None:
     return (f"grid cell (row {cell_row}, column {cell_col}) is foreground in {100 * share:.0f}% of the "
             f"{len(valid)} valid labels: the labels do not follow the questions. The heads may be reading an "
             f"attention sink; rank them with `sdrpn heads`, or detect sinks elsewhere (--sink, --sink-layer).")
-
-
-def _reason_kind(reason: str) -> str:
-    """The reason without its specifics (the path, the parser position), for the summary."""
-    return reason.split(":")[0].split(" (")[0]
 
 
 def records_fingerprint(records: Sequence[Record]) -> str:
@@ -312,64 +310,101 @@ def run_label_job(
     return summary
 
 
-def _label_records(labeller: Labeller, records: Sequence[Record], image_root: Path, out_dir: Path,
-                   options: LabelOptions, context: distributed.Context, summary: LabelSummary,
-                   progress: bool) -> list[RecordIssue]:
-    """Label this process's records, writing a shard every ``shard_size`` samples."""
-    from tqdm import tqdm
+class _ShardWriter:
+    """This process's labelled samples, written as a shard every ``shard_size`` samples and whenever
+    some have waited ``flush_seconds`` since the last shard."""
 
-    skipped: list[RecordIssue] = []
-    pending_rows: list[dict] = []
-    pending: list[LabelledSample] = []
-    sequence = next_sequence(out_dir, context.rank)
-    batches = [records[i:i + options.batch_size] for i in range(0, len(records), options.batch_size)]
-    bar = tqdm(total=len(records), unit="sample", disable=not progress, dynamic_ncols=True,
-               desc="label" if not context.distributed else f"label[rank {context.rank}]",
-               position=context.rank if context.distributed else None)
+    def __init__(self, out_dir: Path, rank: int, options: LabelOptions):
+        self.out_dir, self.rank, self.options = out_dir, rank, options
+        self.sequence = next_sequence(out_dir, rank)
+        self.samples: list[LabelledSample] = []
+        self.rows: list[dict] = []
+        self.written_at = time.monotonic()
 
-    def flush(count: int) -> None:
-        """Write the first ``count`` pending samples as one shard."""
-        nonlocal sequence, pending, pending_rows
-        samples, rows = pending[:count], pending_rows[:count]
+    def add(self, sample: LabelledSample, row: dict) -> None:
+        self.samples.append(sample)
+        self.rows.append(row)
+        while len(self.samples) >= self.options.shard_size:
+            self.flush(self.options.shard_size)
+
+    def flush_if_due(self) -> None:
+        """Write the waiting samples if the last shard is ``flush_seconds`` old (checked per batch)."""
+        if time.monotonic() - self.written_at >= self.options.flush_seconds:
+            self.flush()
+
+    def flush(self, count: int | None = None) -> None:
+        """Write the first ``count`` waiting samples (all by default) as one shard."""
+        samples, rows = self.samples[:count], self.rows[:count]
+        if not samples:
+            return
         tensors = {"grounding": torch.stack([s.grounding for s in samples]),
                    "sink": torch.stack([s.sink for s in samples]),
                    "labels": torch.stack([s.labels for s in samples])}
-        write_shard(out_dir / shard_name(context.rank, sequence), tensors, rows)
-        sequence += 1
-        pending, pending_rows = pending[count:], pending_rows[count:]
+        write_shard(self.out_dir / shard_name(self.rank, self.sequence), tensors, rows)
+        self.sequence += 1
+        self.samples, self.rows = self.samples[len(samples):], self.rows[len(samples):]
+        self.written_at = time.monotonic()
+
+
+def _label_records(labeller: Labeller, records: Sequence[Record], image_root: Path, out_dir: Path,
+                   options: LabelOptions, context: distributed.Context, summary: LabelSummary,
+                   progress: bool) -> list[RecordIssue]:
+    """Label this process's records into shards; on Ctrl-C, write what is labelled, then stop with
+    :class:`~sdrpn.errors.Interrupted` saying how many samples are saved."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(records), unit="sample", disable=not progress, dynamic_ncols=True,
+               desc="label" if not context.distributed else f"label[rank {context.rank}]",
+               position=context.rank if context.distributed else None)
+    writer = _ShardWriter(out_dir, context.rank, options)
+    skipped: list[RecordIssue] = []
+    try:
+        _label_batches(labeller, records, image_root, options, summary, writer, skipped, bar)
+    except KeyboardInterrupt:
+        writer.flush()
+        bar.close()
+        saved = len(completed_records(out_dir))
+        raise Interrupted(f"{saved} labelled samples are saved in {out_dir} ({summary.labelled} of them in this "
+                          f"run); rerun the same command to resume") from None
+    writer.flush()
+    bar.close()
+    return skipped
+
+
+def _label_batches(labeller: Labeller, records: Sequence[Record], image_root: Path, options: LabelOptions,
+                   summary: LabelSummary, writer: _ShardWriter, skipped: list[RecordIssue], bar) -> None:
+    """Label ``records`` batch by batch into ``writer``, opening each batch's images while the one
+    before runs; the records whose image cannot be used are reported and added to ``skipped``."""
+    batches = [records[i:i + options.batch_size] for i in range(0, len(records), options.batch_size)]
+
+    def open_images(batch):
+        return [open_record_image(image_root, record) for record in batch]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        loading = [pool.submit(lambda b=b: [open_record_image(image_root, r) for r in b]) for b in batches[:1]]
+        loading = [pool.submit(open_images, batch) for batch in batches[:1]]
         for number, batch in enumerate(batches):
             loaded = loading.pop(0).result()
-            if number + 1 < len(batches):  # open the next batch's images while this one runs
-                following = batches[number + 1]
-                loading.append(pool.submit(lambda b=following: [open_record_image(image_root, r) for r in b]))
+            if number + 1 < len(batches):
+                loading.append(pool.submit(open_images, batches[number + 1]))
             usable = []
             for record, (image, mode_or_issue) in zip(batch, loaded):
                 if image is None:
                     skipped.append(mode_or_issue)
-                    bar.write(f"sdrpn label: {mode_or_issue}", file=sys.stderr)
+                    report_issue("label", mode_or_issue, bar.write)
                 else:
                     usable.append((record, image, mode_or_issue))
             if usable:
                 results = labeller.label([image for _, image, _ in usable], [r.question for r, _, _ in usable])
                 for (record, _, mode), result in zip(usable, results):
-                    pending.append(result)
-                    pending_rows.append({"record": record.index, "question_id": record.question_id,
-                                         "image": record.image, "question": record.question,
-                                         "answer": result.answer, "valid": result.valid,
-                                         "file": record.file, "line": record.line, "image_mode": mode})
+                    writer.add(result, {"record": record.index, "question_id": record.question_id,
+                                        "image": record.image, "question": record.question,
+                                        "answer": result.answer, "valid": result.valid,
+                                        "file": record.file, "line": record.line, "image_mode": mode})
                     summary.labelled += 1
                     summary.valid += int(result.valid)
-            while len(pending) >= options.shard_size:
-                flush(options.shard_size)
+            writer.flush_if_due()
             bar.update(len(batch))
             bar.set_postfix(valid=summary.valid, skipped=len(skipped), refresh=False)
-    if pending:
-        flush(len(pending))
-    bar.close()
-    return skipped
 
 
 def run_settings_for(model_path: str | Path, adapter: ModelAdapter, data_path: str | Path,

@@ -8,8 +8,8 @@ Accepted inputs (one file, format detected from its content):
 * Plain JSON lines: objects with ``question_id``, ``image`` and ``text`` (the question).
 
 A record that cannot be used (unreadable line, no image, empty question, ...) never stops reading:
-it becomes a :class:`RecordIssue` naming the file, the line and the reason, and the caller reports
-it. Image problems are found later, when the image is opened (:func:`open_rgb_image`).
+it becomes a :class:`~sdrpn.issues.RecordIssue` naming the file, the line and the reason, and the
+caller reports it (the policy of :mod:`sdrpn.issues`). Image problems are found later, when the image is opened (:func:`open_rgb_image`).
 
 Images that are not RGB (grayscale, palette, RGBA, CMYK, 16-bit) are converted to RGB and kept,
 as LLaVA's own data loader does: they are ordinary pictures the model can read. The labelling job
@@ -19,11 +19,13 @@ still reports each conversion (action "converted"), so that nothing happens to t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
+
+from ..issues import RecordIssue, RecordProblem
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -48,28 +50,6 @@ class Record:
     question: str
     file: str
     line: int
-
-
-@dataclass(frozen=True)
-class RecordIssue:
-    """A record that was skipped, or changed before use, and why."""
-
-    file: str
-    line: int
-    reason: str
-    question_id: str | None = None
-    action: str = "skipped"  # "skipped" or "converted"
-
-    def __str__(self) -> str:
-        ident = f" (question_id {self.question_id})" if self.question_id is not None else ""
-        return f"{self.file}:{self.line}{ident}: {self.action}: {self.reason}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class RecordProblem(Exception):
-    """Why one record cannot be used; becomes a :class:`RecordIssue`."""
 
 
 def read_records(path: str | Path) -> tuple[list[Record], list[RecordIssue]]:
@@ -214,5 +194,5 @@ def open_rgb_image(root: str | Path, image: str) -> tuple[Image.Image, str]:
             mode = opened.mode
             image = opened.convert("RGB") if mode != "RGB" else opened.copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise RecordProblem(f"corrupt or unreadable image {path}: {exc}") from None
+        raise RecordProblem(f"corrupt or unreadable image: {path} ({exc})") from None
     return image, mode

@@ -598,7 +598,8 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _calibrated_threshold(trainer: Trainer, final: dict | None) -> float | None:
-    """The RoI threshold calibrated on the held-out samples (None without any)."""
+    """The RoI threshold calibrated on the held-out samples (None without any); a warning when it
+    lands on an end of the search range, where the best one may lie beyond it."""
     if final is None:
         return None
     ious = final["roi_iou_by_threshold"]
@@ -608,7 +609,28 @@ def _calibrated_threshold(trainer: Trainer, final: dict | None) -> float | None:
         print(f"calibrated RoI threshold {chosen:g} on the held-out labels (IoU {iou:.4f} of the blurred RoI "
               f"mask with their foreground); saved as calibrated_threshold, used with --threshold calibrated "
               f"(the default stays {trainer.rpn.threshold:g})", file=sys.stderr)
+        edge = _range_edge_warning(chosen, max(ious))
+        if edge:
+            print(f"sdrpn train: warning: {edge}", file=sys.stderr)
     return chosen
+
+
+def _range_edge_warning(chosen: float, best_iou: float) -> str | None:
+    """Why a threshold on an end of :data:`CALIBRATION_THRESHOLDS` is doubtful, or None inside it."""
+    low, high = CALIBRATION_THRESHOLDS[0], CALIBRATION_THRESHOLDS[-1]
+    searched = f"the search range {low:g} .. {high:g}"
+    if best_iou <= 0.0:
+        return (f"no threshold of {searched} gives a RoI mask that overlaps the held-out foreground labels "
+                f"(IoU 0 at every one), so the calibrated {chosen:g} means nothing; check the labels "
+                f"(sdrpn label) and train longer")
+    if chosen == low:
+        return (f"the calibrated threshold {chosen:g} is the lowest of {searched}: the RPN's probabilities are "
+                f"low everywhere, and a lower threshold might overlap the labels better; train longer or "
+                f"pass --threshold to generate, show and eval")
+    if chosen == high:
+        return (f"the calibrated threshold {chosen:g} is the highest of {searched}: a higher one might "
+                f"overlap the labels better; pass --threshold to generate, show and eval")
+    return None
 
 
 def train_rpn(model, processor, label_set: LabelSet, out_dir: str | Path, options: TrainOptions,

@@ -41,7 +41,7 @@ def _require_images(request: GenerationRequest) -> None:
         raise ValueError("this method resamples the source images: pass images=[...] (one per prompt)")
 
 
-def _prefill_and_decode(engine, request, embeds, attention_mask, padded, visual_tokens) -> MethodResult:
+def _prefill_and_decode(engine, request, embeds, attention_mask, padded, visual_tokens, roi=None) -> MethodResult:
     """Plain prefill of a prompt given as embeddings, then the shared decode loop."""
     adapter = engine.adapter
     key_mask = attention_mask if padded else None
@@ -49,7 +49,7 @@ def _prefill_and_decode(engine, request, embeds, attention_mask, padded, visual_
     hidden = adapter.run_layers(embeds, 0, adapter.num_layers, default_position_ids(attention_mask), key_mask, cache)
     decoded = decode(adapter, cache, adapter.logits(hidden[:, -1]), key_mask, attention_mask.sum(dim=1),
                      request.sampling, request.keep_logits)
-    return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=None, roi_tokens=None,
+    return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=roi, roi_tokens=None,
                         visual_tokens=visual_tokens)
 
 
@@ -188,4 +188,5 @@ def vicrop_method(engine, request: GenerationRequest) -> MethodResult:
     mask = layout.attention_mask
     mask = torch.cat([mask[:, :prefix], mask.new_ones(batch, crop_features.shape[1]), mask[:, prefix:]], dim=1)
     visual = torch.full((batch,), 2 * adapter.image_length, device=device)
-    return _prefill_and_decode(engine, request, sequence, mask, layout.padded, visual)
+    # The crop squares ``[x0, y0, side, side]`` in source pixels are vicrop's RoI.
+    return _prefill_and_decode(engine, request, sequence, mask, layout.padded, visual, roi=squares)

@@ -1,7 +1,9 @@
 """Scoring functions of the standard fine-grained VQA benchmarks.
 
 Each function scores one prediction (or, for POPE, a whole split) exactly as the benchmark's own
-evaluation code does, so numbers are comparable with published ones:
+evaluation code does, so numbers are comparable with published ones; where lmms-eval's scorer
+differs from the official one, the official one is followed (the comment above each function
+says which code that is, and ``tests/test_scorer_parity.py`` checks both):
 
 - :func:`vqa_accuracy`: VQA soft accuracy with the EvalAI answer normalisation (TextVQA, VQAv2).
 - :func:`anls`: average normalised Levenshtein similarity (DocVQA, InfographicVQA).
@@ -34,7 +36,9 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------------
 # VQA answer normalisation (the EvalAI answer processor used by the VQAv2 and TextVQA servers and by
-# LLaVA-1.5's TextVQA evaluation). The tables are the official ones; their quirks (for example
+# LLaVA-1.5's TextVQA evaluation: ``EvalAIAnswerProcessor`` and ``TextVQAAccuracyEvaluator`` in
+# facebookresearch/mmf, mmf/utils/m4c_evaluators.py; lmms-eval's TextVQA task uses a copy of both,
+# lmms_eval/tasks/_task_utils/vqa_eval_metric.py). The tables are the official ones; their quirks (for example
 # "somebody'd" -> "somebodyd") are kept because predictions and references go through the same
 # mapping, and changing it would change published numbers. Entries of the official table written
 # with capitals ("Im", "Ive", "Id've") are left out: text is lower-cased first, so they never match.
@@ -168,25 +172,36 @@ def _anls_text(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
 
+# ANLS as the official DocVQA / InfographicVQA evaluation script computes it (the Robust Reading
+# Competition's, rrc.cvc.uab.es/?ch=17, also distributed on docvqa.org; lmms-eval's ``anls`` in
+# lmms_eval/api/metrics.py is a copy of it). Two of its details differ from the formula of
+# the papers (Biten et al., ICCV 2019, eq. 1: ``1 - NL`` if ``NL < tau``, else 0), and the published
+# numbers come from the script:
+#   - the similarity ``1 - NL`` is zeroed only when it is *below* ``1 - tau``: a normalised distance
+#     of exactly 0.5 scores 0.5, where the formula gives 0;
+#   - the edit distance is taken between the normalised strings (lower case, whitespace runs
+#     collapsed) but divided by the longer of the *raw* strings, measured upper-cased
+#     (``len(answer.upper())``: "ß" counts as 2), not by the longer normalised string.
+
+
 def anls(pred: str, answers: Sequence[str], threshold: float = 0.5) -> float:
     """Average normalised Levenshtein similarity of one prediction (DocVQA's metric).
 
-    Strings are compared lower-cased with runs of whitespace collapsed. For each reference the
-    normalised edit distance ``d = lev(pred, ref) / max(len(pred), len(ref))`` gives a similarity of
-    ``1 - d`` when ``d < threshold`` and 0 otherwise; the score is the best over the references.
+    The edit distance between the prediction and each reference, both lower-cased with runs of
+    whitespace collapsed, is divided by the longer of the two raw strings. The score is
+    ``1 - d`` for the nearest reference when ``d <= threshold`` (distance exactly 0.5 scores 0.5, as
+    the official script does), else 0.
     """
     _check_answers(answers)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"anls threshold must be in (0, 1], got {threshold}")
-    pred = _anls_text(pred)
-    best = 0.0
+    distances = []
     for answer in answers:
-        ref = _anls_text(answer)
-        length = max(len(pred), len(ref))
-        distance = _levenshtein(pred, ref) / length if length else 0.0
-        if distance < threshold:
-            best = max(best, 1.0 - distance)
-    return best
+        length = max(len(answer.upper()), len(pred.upper()))
+        distance = _levenshtein(_anls_text(pred), _anls_text(answer))
+        distances.append(distance / length if length else 0.0)
+    similarity = 1.0 - min(distances)
+    return similarity if similarity >= 1.0 - threshold else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,11 +209,15 @@ def anls(pred: str, answers: Sequence[str], threshold: float = 0.5) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+# ChartQA's relaxed accuracy as its reference implementation computes it (``relaxed_correctness``
+# in google-research/pix2struct, pix2struct/metrics.py, which lmms-eval's chartqa/utils.py copies
+# through Qwen-VL): no whitespace is stripped, and any number of trailing "%" divides by 100.
+
+
 def _to_float(text: str) -> float | None:
-    text = text.strip()
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
+            return float(text.rstrip("%")) / 100.0
         return float(text)
     except ValueError:
         return None
@@ -215,22 +234,27 @@ def relaxed_accuracy(pred: str, target: str, tolerance: float = 0.05) -> float:
     pred_value, target_value = _to_float(pred), _to_float(target)
     if pred_value is not None and target_value:  # a zero target has no relative scale
         return float(abs(pred_value - target_value) / abs(target_value) <= tolerance)
-    return float(pred.strip().lower() == target.strip().lower())
+    return float(pred.lower() == target.lower())
+
+
+# OCRBench as its authors score it (Yuliang-Liu/MultimodalOCR, OCRBench/example.py). lmms-eval's
+# ocrbench/utils.py (0.7.x) also folds full-width ASCII and the ideographic space to ASCII before
+# comparing; the official code does not, so neither does this one: "ＡＢＣ" does not contain "abc".
 
 
 def ocrbench_match(pred: str, answers: Sequence[str], source: str = "") -> float:
     """OCRBench's score: 1.0 if any reference answer occurs inside the prediction.
 
     Case-insensitive; for handwritten mathematical expressions (``source`` dataset "HME100k") the
-    comparison is case-sensitive and ignores all whitespace, as in the benchmark's own code.
+    comparison is case-sensitive and ignores spaces and line breaks (not tabs), as in the
+    benchmark's own code.
     """
     _check_answers(answers)
     if source == "HME100k":
-        squeeze = lambda text: "".join(text.split())  # noqa: E731
-        pred = squeeze(pred)
-        return float(any(squeeze(answer) in pred for answer in answers))
-    pred = pred.lower().replace("\n", " ").strip()
-    return float(any(answer.lower().replace("\n", " ").strip() in pred for answer in answers))
+        squeeze = lambda text: text.strip().replace("\n", " ").replace(" ", "")  # noqa: E731
+        return float(any(squeeze(answer) in squeeze(pred) for answer in answers))
+    fold = lambda text: text.lower().strip().replace("\n", " ")  # noqa: E731
+    return float(any(fold(answer) in fold(pred) for answer in answers))
 
 
 # --------------------------------------------------------------------------------------------------

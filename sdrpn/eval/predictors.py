@@ -33,26 +33,41 @@ def available_methods() -> list[str]:
 
 
 def check_methods(names: Sequence[str], has_rpn: bool) -> None:
-    """Refuse unknown methods, and a run without ``--rpn``."""
+    """Refuse unknown methods, and methods that read an RPN when there is none."""
     known = available_methods()
     for name in names:
         if name not in known:
             raise UserError(f"unknown method {name!r}; choose from {', '.join(known)}")
-    if not has_rpn:
-        # sdrpn.SDRPN is built around an RPN, even for the methods that never read it.
-        raise UserError(f"--rpn is required: the engine needs an RPN (written by sdrpn train) to run "
-                        f"{', '.join(names)}")
+    needing = [name for name in names if name in RPN_METHODS]
+    if needing and not has_rpn:
+        free = ", ".join(name for name in known if name not in RPN_METHODS)
+        raise UserError(f"--rpn is required for {', '.join(needing)} (an RPN directory written by sdrpn train); "
+                        f"{free} need none")
 
 
-def build_engine(model, processor, rpn, threshold: float | None = None, strategy: str = "mask",
+def build_engine(model, processor, rpn=None, threshold: float | None = None, strategy: str = "mask",
                  max_regions: int | None = None, prompt: str | None = None):
     """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` the
-    ``max_regions`` strongest RoI components (None: all), with the ``prompt`` template (None: the RPN's)."""
+    ``max_regions`` strongest RoI components (None: all), with the ``prompt`` template (None: the
+    RPN's). Without an RPN it runs only the methods that need none, in the model family's template
+    unless ``prompt`` names one."""
     from ..engine import SDRPN
+    from ..models import adapter_for
+    from ..prompts import template_for
     from ..roi import RoIOptions
 
+    if rpn is None:
+        rpn, prompt = _stand_in_rpn(model), template_for(prompt, adapter_for(model, processor))
     return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold,
                  roi_options=RoIOptions(max_regions=max_regions), prompt=prompt)
+
+
+def _stand_in_rpn(model):
+    """An untrained one-layer RPN, because :class:`sdrpn.SDRPN` is built around one even for the
+    methods that never read it; they are the only ones an engine without ``--rpn`` runs."""
+    from ..rpn import RPN
+
+    return RPN.from_model(model, 0, 1)
 
 
 def resolve_threshold(rpn, threshold: float | str | None, option: str = "--threshold") -> float | None:
@@ -67,9 +82,15 @@ def resolve_threshold(rpn, threshold: float | str | None, option: str = "--thres
 
 
 def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
-    """Per image, the RoI boxes the engine zoomed into, in source pixels ``[x0, y0, x1, y1)``."""
+    """Per image, the regions the engine zoomed into, in source pixels ``[x0, y0, x1, y1)``: the RoI
+    boxes of the SD-RPN methods, or the one square ViCrop cropped."""
+    import torch
+
     if roi is None:
         return [[] for _ in images]
+    if torch.is_tensor(roi):  # vicrop: (B, 4) squares [x0, y0, side, side] in source pixels
+        return [[[float(x0), float(y0), float(x0 + width), float(y0 + height)]]
+                for x0, y0, width, height in roi.tolist()]
     geometry, grid = engine.adapter.geometry, engine.adapter.image_grid
     if isinstance(roi, list):  # the reference path: one ReferenceRoI per image, on the host
         grid_boxes = [list(r.boxes) if r.mode != "none" else [] for r in roi]
@@ -131,9 +152,11 @@ class EnginePredictor:
             torch.cuda.synchronize(device)
         return output, inputs["input_ids"].shape[1], time.perf_counter() - start
 
-    def run(self, images: list, prompts: list[str]) -> EngineOutput:
-        """Answer each prompt about its image; keeps the engine output for callers that draw it."""
-        output, prompt_length, latency = self._generate(images, prompts, max_new_tokens=self.max_new_tokens)
+    def run(self, images: list, prompts: list[str], output_logits: bool = False) -> EngineOutput:
+        """Answer each prompt about its image; keeps the engine output for callers that draw it (with
+        every step's (B, V) logits in ``output.logits`` when ``output_logits``)."""
+        output, prompt_length, latency = self._generate(images, prompts, max_new_tokens=self.max_new_tokens,
+                                                        output_logits=output_logits)
         answers = self.processor.batch_decode(output.sequences[:, prompt_length:], skip_special_tokens=True)
         boxes = roi_boxes(self.engine, output.roi, images)
         visual = [int(v) for v in output.visual_tokens.tolist()]

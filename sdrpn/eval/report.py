@@ -76,7 +76,8 @@ def update_results(path: Path, header: dict, summaries: dict[str, dict]) -> dict
 def format_table(results: dict) -> str:
     """The summary table of a results file, as text."""
     methods, compared = results["methods"], results.get("comparison", {})
-    head = f"{results['benchmark']}: {results['num_samples']} questions, metric {results['metric']}"
+    skipped = f" ({results['skipped']} records skipped)" if results.get("skipped") else ""
+    head = f"{results['benchmark']}: {results['num_samples']} questions{skipped}, metric {results['metric']}"
     rows = [("method", "score", "Δ baseline", "samples/s", "× baseline", "visual tokens", "with RoI")]
     order = sorted(methods, key=lambda name: (name != BASELINE, name))
     for name in order:
@@ -102,9 +103,27 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_name(summary: dict) -> str:
+    """The model a method was evaluated with: its checkpoint folder's name ("" when not recorded)."""
+    model = summary.get("settings", {}).get("model")
+    return Path(model).name if model else ""
+
+
+def panel_title(benchmark: str, rows: Sequence[dict]) -> str:
+    """``textvqa · llava-1.5-7b-hf``: the benchmark and the model(s) of its points."""
+    models = list(dict.fromkeys(row["model"] for row in rows if row["model"]))
+    return " · ".join([benchmark, *models])
+
+
+def point_label(row: dict) -> str:
+    """What a point says beside it: the visual tokens per question the method read."""
+    return f"{row['mean_visual_tokens']:.0f} visual tokens"
+
+
 def plot(result_files: Sequence[Path], out: Path) -> Path:
     """Draw accuracy against throughput for every method of ``result_files`` into ``out`` (PNG),
-    one panel per benchmark, and write the plotted numbers to ``out`` with a ``.csv`` suffix.
+    one panel per benchmark titled with it and the model, each point labelled with its visual
+    tokens, and write the plotted numbers to ``out`` with a ``.csv`` suffix.
 
     Returns the path of the CSV file.
     """
@@ -121,7 +140,7 @@ def plot(result_files: Sequence[Path], out: Path) -> Path:
             rows.append({"benchmark": results["benchmark"], "method": name, "metric": results["metric"],
                          "score": summary["score"], "samples_per_s": summary["samples_per_s"],
                          "throughput_vs_baseline": ratio, "mean_visual_tokens": summary["mean_visual_tokens"],
-                         "num_samples": summary["num_samples"], "file": str(path)})
+                         "num_samples": summary["num_samples"], "file": str(path), "model": _model_name(summary)})
     if not rows:
         raise UserError(f"{', '.join(map(str, result_files))}: no methods to plot")
 
@@ -137,10 +156,13 @@ def plot(result_files: Sequence[Path], out: Path) -> Path:
     several_files = len({row["file"] for row in rows}) > len(benchmarks)
     figure, axes = plt.subplots(1, len(benchmarks), figsize=(5.5 * len(benchmarks), 4.5), squeeze=False)
     for axis, benchmark in zip(axes[0], benchmarks):
-        for row in (r for r in rows if r["benchmark"] == benchmark):
+        panel = [row for row in rows if row["benchmark"] == benchmark]
+        for row in panel:
             label = row["method"] + (f" ({Path(row['file']).stem})" if several_files else "")
-            axis.scatter(row["samples_per_s"], 100 * row["score"], s=60, zorder=3, label=label)
-        axis.set_title(benchmark)
+            point = (row["samples_per_s"], 100 * row["score"])
+            axis.scatter(*point, s=60, zorder=3, label=label)
+            axis.annotate(point_label(row), point, textcoords="offset points", xytext=(6, 6), fontsize=7)
+        axis.set_title(panel_title(benchmark, panel))
         axis.set_xlabel("throughput (samples/s)")
         axis.set_ylabel(f"{rows[[r['benchmark'] for r in rows].index(benchmark)]['metric']} (%)")
         axis.grid(True, alpha=0.3)

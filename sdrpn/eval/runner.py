@@ -4,7 +4,11 @@ Predictions are appended to a JSON-lines file as they are produced, one record p
 ``question_id, subset, prompt, prediction, answers, score, boxes, visual_tokens, latency_s``
 (``choice`` and ``option_scores`` for multiple choice). The file starts with a ``settings``
 record; rerunning with the same settings skips the questions already answered, and rerunning with
-other settings is refused rather than mixing two runs.
+other settings is refused rather than mixing two runs. Throughput is measured over the questions
+answered in the run that summarises (earlier runs may have had another machine or load).
+
+A question whose image cannot be opened is skipped and reported (:mod:`sdrpn.issues`), and the
+run goes on.
 
 Under ``torchrun`` (inside :func:`sdrpn.distributed.process_group`) every process answers
 ``samples[rank::world]`` into its own part file (``<name>.rank<r>.jsonl``); once all are done,
@@ -23,8 +27,12 @@ from typing import Iterator, Protocol, Sequence
 
 from .. import distributed
 from ..errors import UserError
-from .datasets import Sample, open_image
+from ..issues import RecordIssue, RecordProblem, report_issue
+from .datasets import Sample, open_sample_image
 from .scoring import chosen_option, metric_label, score_sample, summarize
+
+# How the commands show an answer of no tokens (the model's first token ended it).
+EMPTY_ANSWER = "(empty: the model stopped at once)"
 
 
 @dataclass
@@ -44,6 +52,11 @@ class Prediction:
     visual_tokens: int = 0
     option_scores: list[float] | None = None
     option_tokens: list[int] | None = None
+
+    @property
+    def shown_text(self) -> str:
+        """The answer as the commands print it: an empty one says so instead of printing a blank."""
+        return self.text or EMPTY_ANSWER
 
 
 class Predictor(Protocol):
@@ -170,7 +183,14 @@ def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def _load_images(batch: Sequence[Sample]) -> list:
-    return [open_image(sample.image) for sample in batch]
+    """Each sample's image, or the :class:`RecordIssue` saying why it cannot be used."""
+    loaded = []
+    for sample in batch:
+        try:
+            loaded.append(open_sample_image(sample))
+        except RecordProblem as problem:
+            loaded.append(RecordIssue(sample.file, sample.line, str(problem), sample.question_id))
+    return loaded
 
 
 def _predict(predictor: Predictor, batch: list[Sample], images: list, likelihood: bool) -> list[Prediction]:
@@ -206,13 +226,16 @@ def _record(sample: Sample, prediction: Prediction, metric: str, latency: float,
 
 
 def run(samples: Sequence[Sample], predictor: Predictor, settings: RunSettings, predictions_path: Path,
-        batch_size: int = 1, progress: bool = True) -> dict | None:
+        batch_size: int = 1, progress: bool = True, issues: list[RecordIssue] | None = None) -> dict | None:
     """Answer every sample not answered yet, append the records, and summarise.
 
-    Returns the summary (see :func:`summarize_records`) on rank 0, None on the other ranks.
+    Samples whose image cannot be opened are reported and added to ``issues`` (shared between the
+    methods of one evaluation: a sample skipped once is not tried again). Returns the summary (see
+    :func:`summarize_records`) on rank 0, None on the other ranks.
     """
     context = distributed.launch_context()
     rank, world = context.rank, context.world_size
+    issues = [] if issues is None else issues
     predictions_path = Path(predictions_path)
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     expected = settings.as_dict()
@@ -223,9 +246,9 @@ def run(samples: Sequence[Sample], predictor: Predictor, settings: RunSettings, 
         found, records = read_predictions(source)
         _check_settings(source, found, expected)
         finished.update(record["question_id"] for record in records)
-    shard = list(samples[rank::world])
+    skipped = {issue.question_id for issue in issues}
+    shard = [sample for sample in samples[rank::world] if sample.question_id not in skipped]
     todo = [sample for sample in shard if sample.question_id not in finished]
-    likelihood = settings.choice_scoring == "likelihood"
 
     _drop_partial_line(own_path)
     needs_header = not own_path.exists() or own_path.stat().st_size == 0
@@ -233,52 +256,81 @@ def run(samples: Sequence[Sample], predictor: Predictor, settings: RunSettings, 
 
     bar = tqdm(total=len(shard), initial=len(shard) - len(todo), desc=f"{settings.benchmark}/{settings.method}",
                unit="q", dynamic_ncols=True, disable=not progress or rank != 0)
-    with open(own_path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as loader:
+    with open(own_path, "a", encoding="utf-8") as out:
         if needs_header:
             out.write(json.dumps({"settings": expected}) + "\n")
-        batches = list(_batches(todo, batch_size))
-        pending = loader.submit(_load_images, batches[0]) if batches else None
-        correct = 0.0
-        for index, batch in enumerate(batches):
-            images = pending.result()
-            if index + 1 < len(batches):  # decode the next batch's images while this one runs
-                pending = loader.submit(_load_images, batches[index + 1])
-            start = time.perf_counter()
-            predictions = _predict(predictor, batch, images, likelihood)
-            latency = time.perf_counter() - start
-            for sample, prediction in zip(batch, predictions):
-                record = _record(sample, prediction, settings.metric, latency, len(batch))
-                out.write(json.dumps(record) + "\n")
-                correct += record["score"]
-            out.flush()
-            bar.update(len(batch))
-            bar.set_postfix(score=f"{correct / bar.n if bar.n else 0:.3f}", refresh=False)
+        answered, new_issues = _answer_all(predictor, todo, settings, batch_size, out, bar)
     bar.close()
 
     distributed.barrier()
+    answered = {qid for part in distributed.gather_objects(sorted(answered)) for qid in part}
+    new_issues = [issue for part in distributed.gather_objects(new_issues) for issue in part]
     if rank != 0:
         return None
+    issues.extend(new_issues)
     if world > 1:
         merge_parts(predictions_path, expected)
     _, records = read_predictions(predictions_path)
-    wanted = {sample.question_id for sample in samples}
+    skipped = {issue.question_id for issue in issues}
+    wanted = {sample.question_id for sample in samples} - skipped
     records = [record for record in records if record["question_id"] in wanted]
+    if not wanted:
+        raise UserError(f"{settings.benchmark}: no question left to answer: every one was skipped (see above)")
     missing = len(wanted) - len({record["question_id"] for record in records})
     if missing:
         raise RuntimeError(f"{missing} questions have no prediction in {predictions_path} after the run")
-    return summarize_records(settings, records, predictions_path)
+    return summarize_records(settings, records, predictions_path, timed=answered)
 
 
-def summarize_records(settings: RunSettings, records: Sequence[dict], predictions_path: Path) -> dict:
-    """Metric, throughput and visual tokens of one method's records."""
-    total_time = sum(record["latency_s"] / record["batch_size"] for record in records)
+def _answer_all(predictor: Predictor, todo: Sequence[Sample], settings: RunSettings, batch_size: int, out,
+                bar) -> tuple[set[str], list[RecordIssue]]:
+    """Answer ``todo`` in batches, appending a record per question to ``out``; returns the ids of the
+    questions answered and the issues of those whose image could not be used (each reported)."""
+    likelihood = settings.choice_scoring == "likelihood"
+    answered: set[str] = set()
+    issues: list[RecordIssue] = []
+    correct = 0.0
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        batches = list(_batches(todo, batch_size))
+        pending = loader.submit(_load_images, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            loaded = pending.result()
+            if index + 1 < len(batches):  # decode the next batch's images while this one runs
+                pending = loader.submit(_load_images, batches[index + 1])
+            usable = [(sample, image) for sample, image in zip(batch, loaded) if not isinstance(image, RecordIssue)]
+            for issue in (image for image in loaded if isinstance(image, RecordIssue)):
+                issues.append(issue)
+                report_issue("eval", issue, bar.write)
+            if usable:
+                start = time.perf_counter()
+                predictions = _predict(predictor, [s for s, _ in usable], [i for _, i in usable], likelihood)
+                latency = time.perf_counter() - start
+                for (sample, _), prediction in zip(usable, predictions):
+                    record = _record(sample, prediction, settings.metric, latency, len(usable))
+                    out.write(json.dumps(record) + "\n")
+                    correct += record["score"]
+                    answered.add(sample.question_id)
+                out.flush()
+            bar.update(len(batch))
+            bar.set_postfix(score=f"{correct / max(len(answered), 1):.3f}", refresh=False)
+    return answered, issues
+
+
+def summarize_records(settings: RunSettings, records: Sequence[dict], predictions_path: Path,
+                      timed: set[str] | None = None) -> dict:
+    """Metric, throughput and visual tokens of one method's records. Throughput is over the records
+    of the questions in ``timed`` (those answered in this run); over all of them when this run
+    answered none of them (everything was answered before)."""
+    clocked = [record for record in records if record["question_id"] in (timed or ())] or list(records)
+    total_time = sum(record["latency_s"] / record["batch_size"] for record in clocked)
     summary = {
         "method": settings.method,
         "metric": metric_label(settings.metric),
         **summarize(settings.metric, records),
         "num_samples": len(records),
-        "samples_per_s": len(records) / total_time if total_time > 0 else float("inf"),
-        "mean_latency_s": sum(record["latency_s"] for record in records) / len(records),
+        "samples_per_s": len(clocked) / total_time if total_time > 0 else float("inf"),
+        "timed_samples": len(clocked),
+        "mean_latency_s": sum(record["latency_s"] for record in clocked) / len(clocked),
         "mean_visual_tokens": sum(record["visual_tokens"] for record in records) / len(records),
         "with_roi": sum(bool(record["boxes"]) for record in records) / len(records),
         "predictions": str(predictions_path),

@@ -21,7 +21,9 @@ Tokenizer: a whole-word vocabulary (the synthetic questions' words, the chat for
 where every number is read digit by digit: "47" is "4" followed by the continuation "##7"
 (a ``tokenizers`` WordPiece model whose vocabulary holds whole words, so no other word is ever
 split). Answers of two tokens matter for self-distillation: the fed-back first digit is the query
-whose attention shows where the model reads the second one.
+whose attention shows where the model reads the second one. The decoder joins the pieces back
+("4", "##7" -> "47") and drops the marker of a continuation that starts an answer ("##7" -> "7"):
+a model may begin with one, and a reader should not see the marker.
 
 Image processor: llava-hf's geometry (resize the short side to 96, centre-crop 96x96, bicubic,
 CLIP normalisation).
@@ -44,6 +46,7 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "continuation_decoder",
     "load_tiny_llava",
     "prompt_for",
 ]
@@ -90,9 +93,18 @@ def _vocab() -> dict[str, int]:
     return {word: index for index, word in enumerate(words)}
 
 
+def continuation_decoder():
+    """WordPiece decoding, then the marker of any continuation left over removed: the WordPiece
+    decoder keeps it on a first token, which a generated answer can be."""
+    from tokenizers import decoders
+
+    return decoders.Sequence([decoders.WordPiece(prefix=CONTINUATION, cleanup=True),
+                              decoders.Replace(CONTINUATION, "")])
+
+
 def build_tokenizer():
     """The word-level tokenizer (``PreTrainedTokenizerFast``): lower-cases, prepends ``<s>``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = _vocab()
@@ -101,7 +113,7 @@ def build_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    backend.decoder = decoders.WordPiece(prefix=CONTINUATION)
+    backend.decoder = continuation_decoder()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, model_max_length=1024,

@@ -5,7 +5,8 @@
 
 Every reader returns a list of :class:`Sample` and raises :class:`DatasetError` (a
 :class:`sdrpn.errors.UserError`) naming the file and the problem when the files are not the
-benchmark's.
+benchmark's. Given an ``issues`` list, a reader skips a record it cannot use and reports it there
+(file, line, reason: the policy of :mod:`sdrpn.issues`); without one, that record is an error.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Callable
 from ...errors import UserError
 from . import chartqa, docvqa, hrbench, jsonl, ocrbench, pope, textvqa, vstar
 from .base import (OPTION_ANSWER, SHORT_ANSWER, DatasetError, EmbeddedImage, Sample, open_image,
-                   option_prompt, short_answer_prompt)
+                   open_sample_image, option_prompt, short_answer_prompt)
 
 __all__ = [
     "BENCHMARKS", "Benchmark", "DatasetError", "EmbeddedImage", "OPTION_ANSWER", "SHORT_ANSWER", "Sample",
-    "get_benchmark", "load_benchmark", "open_image", "option_prompt", "short_answer_prompt",
+    "get_benchmark", "load_benchmark", "open_image", "open_sample_image", "option_prompt", "short_answer_prompt",
 ]
 
 
@@ -32,7 +33,7 @@ class Benchmark:
     Attributes:
         name: the ``--benchmark`` name.
         description: the files ``--data`` points at.
-        read: ``read(data, split, image_root) -> list[Sample]``.
+        read: ``read(data, split, image_root, issues=None) -> list[Sample]``.
         metric: per-question metric of the open questions (see :mod:`sdrpn.eval.scoring`);
             multiple-choice questions are scored by the option chosen.
         choice_scoring: how a multiple-choice answer is chosen by default: "generate" (answer, then
@@ -42,7 +43,7 @@ class Benchmark:
 
     name: str
     description: str
-    read: Callable[[Path, str | None, Path | None], list[Sample]]
+    read: Callable[..., list[Sample]]
     metric: str
     choice_scoring: str = "generate"
     splits: tuple[str, ...] = ()
@@ -90,7 +91,8 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def load_benchmark(name: str, data: str | Path, split: str | None = None,
-                   image_root: str | Path | None = None) -> list[Sample]:
-    """Read benchmark ``name`` from ``data`` (its annotation file or folder)."""
+                   image_root: str | Path | None = None, issues: list | None = None) -> list[Sample]:
+    """Read benchmark ``name`` from ``data`` (its annotation file or folder); the records it cannot
+    use go to ``issues`` when given, else the first one is a :class:`DatasetError`."""
     benchmark = get_benchmark(name)
-    return benchmark.read(Path(data), split, Path(image_root) if image_root is not None else None)
+    return benchmark.read(Path(data), split, Path(image_root) if image_root is not None else None, issues)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (DatasetError, Sample, check_images_exist, check_unique_ids, find_image_dir,
-                   read_json, require, short_answer_prompt)
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, find_image_dir, read_json, reading_record, require, short_answer_prompt,
+                   usable_samples)
 
 SUBSETS = ("human", "augmented")
 
@@ -32,7 +33,24 @@ def _subset_files(data: Path, split: str | None) -> list[tuple[str, Path]]:
     return files
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(record, subset: str, index: int, images: Path, path: Path) -> Sample:
+    if not isinstance(record, dict):
+        raise RecordProblem(f"expected an object, got {type(record).__name__}")
+    question = require(record, "query", str)
+    return Sample(
+        question_id=f"{subset}/{index}",
+        image=images / require(record, "imgname", str),
+        question=question,
+        prompt=short_answer_prompt(question),
+        answers=(str(require(record, "label", (str, int, float))),),
+        subset=subset,
+        file=str(path),
+        line=f"item {index}",
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if split not in (None, *SUBSETS):
         raise DatasetError(f"chartqa --split must be one of {', '.join(SUBSETS)}, got {split}")
     samples = []
@@ -42,18 +60,6 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
             raise DatasetError(f"{path}: expected a non-empty JSON list of ChartQA questions")
         images = find_image_dir([path.parent / "png"], "ChartQA images", image_root)
         for index, record in enumerate(records):
-            where = f"{path}: item {index}"
-            if not isinstance(record, dict):
-                raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
-            question = require(record, "query", str, where)
-            samples.append(Sample(
-                question_id=f"{subset}/{index}",
-                image=images / require(record, "imgname", str, where),
-                question=question,
-                prompt=short_answer_prompt(question),
-                answers=(str(require(record, "label", (str, int, float), where)),),
-                subset=subset,
-            ))
-        check_images_exist([s for s in samples if s.subset == subset], path)
-    check_unique_ids(samples, data)
-    return samples
+            with reading_record(issues, path, f"item {index}", f"{subset}/{index}"):
+                samples.append(_sample(record, subset, index, images, path))
+    return usable_samples(samples, data, issues)

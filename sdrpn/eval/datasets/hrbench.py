@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..metrics import option_letter
-from .base import DatasetError, EmbeddedImage, Sample, check_unique_ids, option_prompt
+from ...issues import RecordIssue, RecordProblem
+from .base import DatasetError, EmbeddedImage, Sample, option_prompt, reading_record, usable_samples
 
 SPLITS = ("4k", "8k")
 REQUIRED_COLUMNS = ("index", "question", "answer", "A", "B", "image")
@@ -52,7 +53,39 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(row: dict, images: dict, path: Path, line: int) -> Sample:
+    options = []
+    for index in range(26):
+        letter = option_letter(index)
+        if not (row.get(letter) or "").strip():
+            break
+        options.append(row[letter].strip())
+    answer = (row["answer"] or "").strip()
+    if len(options) < 2 or answer not in [option_letter(i) for i in range(len(options))]:
+        raise RecordProblem(f"answer {answer!r} is not the letter of one of the {len(options)} options")
+    cell = row["image"] or ""
+    data_cell = images.get(cell, cell) if len(cell) <= _MAX_REFERENCE_LENGTH else cell
+    if len(data_cell) <= _MAX_REFERENCE_LENGTH:
+        raise RecordProblem(f"image cell {cell!r} is neither base64 data nor the index of a row")
+    question = (row["question"] or "").strip()
+    if not question:
+        raise RecordProblem("empty question")
+    return Sample(
+        question_id=row["index"],
+        image=EmbeddedImage(data=data_cell, origin=f"{path}: line {line}"),
+        question=question,
+        prompt=option_prompt(question, options),
+        answers=(options[ord(answer) - ord("A")],),
+        options=tuple(options),
+        answer_index=ord(answer) - ord("A"),
+        subset=(row.get("category") or "").strip(),
+        file=str(path),
+        line=line,
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if split not in (None, *SPLITS):
         raise DatasetError(f"hrbench --split must be one of {', '.join(SPLITS)}, got {split}")
     if image_root is not None:
@@ -61,34 +94,7 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
     rows = _rows(path)
     images = {row["index"]: row["image"] for row in rows if len(row["image"] or "") > _MAX_REFERENCE_LENGTH}
     samples = []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        where = f"{path}: line {number}"
-        options = []
-        for index in range(26):
-            letter = option_letter(index)
-            if not (row.get(letter) or "").strip():
-                break
-            options.append(row[letter].strip())
-        answer = (row["answer"] or "").strip()
-        if len(options) < 2 or answer not in [option_letter(i) for i in range(len(options))]:
-            raise DatasetError(f"{where}: answer {answer!r} is not the letter of one of the "
-                               f"{len(options)} options")
-        cell = row["image"] or ""
-        data_cell = images.get(cell, cell) if len(cell) <= _MAX_REFERENCE_LENGTH else cell
-        if len(data_cell) <= _MAX_REFERENCE_LENGTH:
-            raise DatasetError(f"{where}: image cell {cell!r} is neither base64 data nor the index of a row")
-        question = (row["question"] or "").strip()
-        if not question:
-            raise DatasetError(f"{where}: empty question")
-        samples.append(Sample(
-            question_id=row["index"],
-            image=EmbeddedImage(data=data_cell, origin=where),
-            question=question,
-            prompt=option_prompt(question, options),
-            answers=(options[ord(answer) - ord("A")],),
-            options=tuple(options),
-            answer_index=ord(answer) - ord("A"),
-            subset=(row.get("category") or "").strip(),
-        ))
-    check_unique_ids(samples, path)
-    return samples
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        with reading_record(issues, path, line, row["index"]):
+            samples.append(_sample(row, images, path, line))
+    return usable_samples(samples, path, issues)

@@ -25,8 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..metrics import option_letter
-from .base import (DatasetError, Sample, check_images_exist, check_unique_ids, option_prompt,
-                   read_jsonl, require, short_answer_prompt, string_list)
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, option_prompt, read_jsonl, reading_record, require, short_answer_prompt,
+                   shown_value, string_list, usable_samples)
 
 
 def _path(data: Path, split: str | None) -> Path:
@@ -41,58 +42,63 @@ def _path(data: Path, split: str | None) -> Path:
     return path
 
 
-def _box(value, where: str) -> tuple[float, float, float, float]:
+def _box(value) -> tuple[float, float, float, float]:
     if (not isinstance(value, list) or len(value) != 4
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise DatasetError(f"{where}: field 'box' should be [x0, y0, x1, y1], got {value!r:.80}")
+        raise RecordProblem(f"field 'box' should be [x0, y0, x1, y1], got {shown_value(value)}")
     x0, y0, x1, y1 = (float(v) for v in value)
     if not (x0 < x1 and y0 < y1):
-        raise DatasetError(f"{where}: box {value} is empty (needs x0 < x1 and y0 < y1)")
+        raise RecordProblem(f"box {value} is empty (needs x0 < x1 and y0 < y1)")
     return x0, y0, x1, y1
 
 
-def _choice(answers: tuple[str, ...], options: tuple[str, ...], where: str) -> int:
+def _choice(answers: tuple[str, ...], options: tuple[str, ...]) -> int:
     letters = [option_letter(index) for index in range(len(options))]
     if answers[0] in options:
         return options.index(answers[0])
     if answers[0] in letters:
         return letters.index(answers[0])
-    raise DatasetError(f"{where}: answer {answers[0]!r} is neither one of the options nor their letter")
+    raise RecordProblem(f"answer {answers[0]!r} is neither one of the options nor their letter")
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(record: dict, images: Path, path: Path, line: int) -> Sample:
+    key = "question" if "question" in record else "text"
+    question = require(record, key, str).strip()
+    if not question:
+        raise RecordProblem("empty question")
+    if "answers" in record:
+        answers = string_list(record["answers"], "answers")
+    else:
+        answers = string_list(require(record, "answer", str), "answer")
+    options: tuple[str, ...] = ()
+    answer_index = None
+    if "options" in record:
+        options = string_list(record["options"], "options")
+        if len(options) < 2:
+            raise RecordProblem("a multiple-choice question needs at least 2 options")
+        answer_index = _choice(answers, options)
+        answers = (options[answer_index],)
+    return Sample(
+        question_id=str(require(record, "question_id", (str, int))),
+        image=images / require(record, "image", str),
+        question=question,
+        prompt=option_prompt(question, options) if options else short_answer_prompt(question),
+        answers=answers,
+        options=options,
+        answer_index=answer_index,
+        subset=str(record.get("subset", "")),
+        box=_box(record["box"]) if "box" in record else None,
+        file=str(path),
+        line=line,
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     path = _path(data, split)
     images = image_root if image_root is not None else path.parent
     samples = []
-    for line, record in read_jsonl(path):
-        where = f"{path}: line {line}"
-        key = "question" if "question" in record else "text"
-        question = require(record, key, str, where).strip()
-        if not question:
-            raise DatasetError(f"{where}: empty question")
-        if "answers" in record:
-            answers = string_list(record["answers"], "answers", where)
-        else:
-            answers = string_list(require(record, "answer", str, where), "answer", where)
-        options: tuple[str, ...] = ()
-        answer_index = None
-        if "options" in record:
-            options = string_list(record["options"], "options", where)
-            if len(options) < 2:
-                raise DatasetError(f"{where}: a multiple-choice question needs at least 2 options")
-            answer_index = _choice(answers, options, where)
-            answers = (options[answer_index],)
-        samples.append(Sample(
-            question_id=str(require(record, "question_id", (str, int), where)),
-            image=images / require(record, "image", str, where),
-            question=question,
-            prompt=option_prompt(question, options) if options else short_answer_prompt(question),
-            answers=answers,
-            options=options,
-            answer_index=answer_index,
-            subset=str(record.get("subset", "")),
-            box=_box(record["box"], where) if "box" in record else None,
-        ))
-    check_unique_ids(samples, path)
-    check_images_exist(samples, path)
-    return samples
+    for line, record in read_jsonl(path, issues):
+        with reading_record(issues, path, line, record.get("question_id")):
+            samples.append(_sample(record, images, path, line))
+    return usable_samples(samples, path, issues)

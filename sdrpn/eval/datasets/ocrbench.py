@@ -9,11 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (DatasetError, Sample, check_images_exist, check_unique_ids, find_file,
-                   find_image_dir, read_json, require, string_list)
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, find_file, find_image_dir, id_of, read_json, reading_record, require,
+                   string_list, usable_samples)
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(record, index: int, images: Path, path: Path) -> Sample:
+    if not isinstance(record, dict):
+        raise RecordProblem(f"expected an object, got {type(record).__name__}")
+    question = require(record, "question", str)
+    return Sample(
+        question_id=str(record.get("id", index)),
+        image=images / require(record, "image_path", str),
+        question=question,
+        prompt=question,
+        answers=string_list(require(record, "answers", (list, str)), "answers"),
+        subset=require(record, "type", str),
+        source=require(record, "dataset_name", str),
+        file=str(path),
+        line=f"item {index}",
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if split is not None:
         raise DatasetError(f"ocrbench has a single test set, got --split {split}")
     path = find_file(data, ("OCRBench.json",), "OCRBench annotation file", subdirs=("OCRBench",))
@@ -24,19 +43,6 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
                             "OCRBench images", image_root)
     samples = []
     for index, record in enumerate(records):
-        where = f"{path}: item {index}"
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
-        question = require(record, "question", str, where)
-        samples.append(Sample(
-            question_id=str(record.get("id", index)),
-            image=images / require(record, "image_path", str, where),
-            question=question,
-            prompt=question,
-            answers=string_list(require(record, "answers", (list, str), where), "answers", where),
-            subset=require(record, "type", str, where),
-            source=require(record, "dataset_name", str, where),
-        ))
-    check_unique_ids(samples, path)
-    check_images_exist(samples, path)
-    return samples
+        with reading_record(issues, path, f"item {index}", id_of(record, "id")):
+            samples.append(_sample(record, index, images, path))
+    return usable_samples(samples, path, issues)

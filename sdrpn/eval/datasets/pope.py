@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (DatasetError, Sample, check_images_exist, check_unique_ids, find_image_dir,
-                   read_jsonl, require, short_answer_prompt)
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, find_image_dir, read_jsonl, reading_record, require, short_answer_prompt,
+                   usable_samples)
 
 SPLITS = ("adversarial", "popular", "random")
 
@@ -37,7 +38,25 @@ def _split_files(data: Path, split: str | None) -> list[tuple[str, Path]]:
     return present
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(record: dict, split: str, images: Path, path: Path, line: int) -> Sample:
+    label = require(record, "label", str)
+    if label not in ("yes", "no"):
+        raise RecordProblem(f"label must be 'yes' or 'no', got {label!r}")
+    question = require(record, "text", str)
+    return Sample(
+        question_id=f"{split}/{require(record, 'question_id', (int, str))}",
+        image=images / require(record, "image", str),
+        question=question,
+        prompt=short_answer_prompt(question),
+        answers=(label,),
+        subset=split,
+        file=str(path),
+        line=line,
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if split not in (None, *SPLITS):
         raise DatasetError(f"pope --split must be one of {', '.join(SPLITS)}, got {split}")
     files = _split_files(data, split)
@@ -46,20 +65,7 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
                             "COCO val2014 images for POPE", image_root)
     samples = []
     for name, path in files:
-        for line, record in read_jsonl(path):
-            where = f"{path}: line {line}"
-            label = require(record, "label", str, where)
-            if label not in ("yes", "no"):
-                raise DatasetError(f"{where}: label must be 'yes' or 'no', got {label!r}")
-            question = require(record, "text", str, where)
-            samples.append(Sample(
-                question_id=f"{name}/{require(record, 'question_id', (int, str), where)}",
-                image=images / require(record, "image", str, where),
-                question=question,
-                prompt=short_answer_prompt(question),
-                answers=(label,),
-                subset=name,
-            ))
-        check_images_exist([s for s in samples if s.subset == name], path)
-    check_unique_ids(samples, data)
-    return samples
+        for line, record in read_jsonl(path, issues):
+            with reading_record(issues, path, line, record.get("question_id")):
+                samples.append(_sample(record, name, images, path, line))
+    return usable_samples(samples, data, issues)

@@ -10,13 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (DatasetError, Sample, check_images_exist, check_unique_ids, find_file,
-                   find_image_dir, read_json, require, short_answer_prompt, string_list)
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, find_file, find_image_dir, id_of, read_json, reading_record, require,
+                   short_answer_prompt, string_list, usable_samples)
 
 ANNOTATION_FILES = ("TextVQA_0.5.1_val.json",)
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(record, images: Path, path: Path, place: str) -> Sample:
+    if not isinstance(record, dict):
+        raise RecordProblem(f"expected an object, got {type(record).__name__}")
+    question = require(record, "question", str)
+    return Sample(
+        question_id=str(require(record, "question_id", (int, str))),
+        image=images / f"{require(record, 'image_id', str)}.jpg",
+        question=question,
+        prompt=short_answer_prompt(question),
+        answers=string_list(require(record, "answers", list), "answers"),
+        file=str(path),
+        line=place,
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if split not in (None, "val"):
         raise DatasetError(f"textvqa has only the 'val' split with public answers, got --split {split}")
     path = find_file(data, ANNOTATION_FILES, "TextVQA annotation file")
@@ -28,18 +45,7 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
                              path.parent / "images"], "TextVQA images", image_root)
     samples = []
     for index, record in enumerate(content["data"]):
-        where = f"{path}: data[{index}]"
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
-        question = require(record, "question", str, where)
-        answers = string_list(require(record, "answers", list, where), "answers", where)
-        samples.append(Sample(
-            question_id=str(require(record, "question_id", (int, str), where)),
-            image=images / f"{require(record, 'image_id', str, where)}.jpg",
-            question=question,
-            prompt=short_answer_prompt(question),
-            answers=answers,
-        ))
-    check_unique_ids(samples, path)
-    check_images_exist(samples, path)
-    return samples
+        place = f"data[{index}]"
+        with reading_record(issues, path, place, id_of(record, "question_id")):
+            samples.append(_sample(record, images, path, place))
+    return usable_samples(samples, path, issues)

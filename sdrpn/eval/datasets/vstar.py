@@ -8,11 +8,14 @@ gains nothing. The benchmark ranks the options by the model's likelihood by defa
 
 from __future__ import annotations
 
+import json
 import random
 import zlib
 from pathlib import Path
 
-from .base import DatasetError, Sample, check_unique_ids, option_prompt, read_json, require, string_list
+from ...issues import RecordIssue, RecordProblem
+from .base import (DatasetError, Sample, option_prompt, reading_record, require, string_list,
+                   usable_samples)
 
 CATEGORIES = ("direct_attributes", "relative_position")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -23,10 +26,38 @@ def _image_for(annotation: Path) -> Path:
         candidate = annotation.with_suffix(suffix)
         if candidate.is_file():
             return candidate
-    raise DatasetError(f"{annotation}: no image beside it (expected {annotation.stem}.jpg or .png)")
+    raise RecordProblem(f"no image beside it (expected {annotation.stem}.jpg or .png)")
 
 
-def read(data: Path, split: str | None = None, image_root: Path | None = None) -> list[Sample]:
+def _sample(path: Path, category: str) -> Sample:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordProblem(f"unreadable JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise RecordProblem("expected a JSON object with 'question' and 'options'")
+    question = require(record, "question", str)
+    options = list(string_list(require(record, "options", list), "options"))
+    if len(options) < 2:
+        raise RecordProblem("a multiple-choice question needs at least 2 options")
+    question_id = f"{category}/{path.stem}"
+    correct = options[0]
+    random.Random(zlib.crc32(question_id.encode())).shuffle(options)
+    return Sample(
+        question_id=question_id,
+        image=_image_for(path),
+        question=question,
+        prompt=option_prompt(question, options),
+        answers=(correct,),
+        options=tuple(options),
+        answer_index=options.index(correct),
+        subset=category,
+        file=str(path),
+    )
+
+
+def read(data: Path, split: str | None = None, image_root: Path | None = None,
+         issues: list[RecordIssue] | None = None) -> list[Sample]:
     if not data.is_dir():
         raise DatasetError(f"{data}: expected the V* bench folder (with {' and '.join(CATEGORIES)} inside)")
     if image_root is not None:
@@ -42,26 +73,6 @@ def read(data: Path, split: str | None = None, image_root: Path | None = None) -
         if not annotations:
             raise DatasetError(f"{data / category}: no question files (*.json)")
         for path in annotations:
-            record = read_json(path)
-            where = str(path)
-            if not isinstance(record, dict):
-                raise DatasetError(f"{where}: expected a JSON object with 'question' and 'options'")
-            question = require(record, "question", str, where)
-            options = list(string_list(require(record, "options", list, where), "options", where))
-            if len(options) < 2:
-                raise DatasetError(f"{where}: a multiple-choice question needs at least 2 options")
-            question_id = f"{category}/{path.stem}"
-            correct = options[0]
-            random.Random(zlib.crc32(question_id.encode())).shuffle(options)
-            samples.append(Sample(
-                question_id=question_id,
-                image=_image_for(path),
-                question=question,
-                prompt=option_prompt(question, options),
-                answers=(correct,),
-                options=tuple(options),
-                answer_index=options.index(correct),
-                subset=category,
-            ))
-    check_unique_ids(samples, data)
-    return samples
+            with reading_record(issues, path, None, f"{category}/{path.stem}"):
+                samples.append(_sample(path, category))
+    return usable_samples(samples, data, issues)
