@@ -35,6 +35,7 @@ from torch import nn
 
 __all__ = [
     "ModelAdapter",
+    "LanguageModelAdapter",
     "ModelInputs",
     "SUPPORTED_ATTENTION",
     "decoder_attention_mask",
@@ -369,6 +370,62 @@ class ModelAdapter(abc.ABC):
         q, k = project_qk(layer.self_attn, normed, self.head_dim)
         cos, sin = self.rotary(hidden, position_ids if rope_position_ids is None else rope_position_ids)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+class LanguageModelAdapter(ModelAdapter):
+    """The part every transformers image-text model shares: a decoder-only language model at
+    ``model.model.language_model`` (embeddings, layers, rotary embedding, final norm) and
+    ``model.lm_head``. A family adapter adds its vision side."""
+
+    def __init__(self, model: nn.Module, processor=None):
+        super().__init__(model, processor)
+        config = model.config
+        text_config = config.get_text_config(decoder=True)
+        language_model = model.model.language_model
+        if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+            raise ValueError("sliding-window language models are not supported (the KV reuse assumes full attention)")
+        self.config = config
+        self.text_config = text_config
+        self.embed_tokens = language_model.embed_tokens
+        self.layers = language_model.layers
+        self.rotary_emb = language_model.rotary_emb
+        self._norm = language_model.norm
+        self.num_layers = text_config.num_hidden_layers
+        self.hidden_size = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.image_token_id = config.image_token_id
+
+    def prompt_on_device(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """``(input_ids, is_image, attention_mask)`` on the model's device, the mask as bool (all
+        True when None)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return input_ids, input_ids == self.image_token_id, attention_mask.to(device=self.device, dtype=torch.bool)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._norm
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def config_fingerprint(self) -> dict:
+        text = self.text_config
+        return {
+            "family": self.family,
+            "model_type": text.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+            "image_grid": list(self.image_grid),
+        }
 
 
 def project_qk(attention: nn.Module, normed: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelAdapter, ModelInputs, default_position_ids
+from .base import LanguageModelAdapter, ModelInputs, default_position_ids
 from .geometry import ImageGeometry
 
 __all__ = ["LlavaAdapter"]
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(LanguageModelAdapter):
     """Drives a LLaVA model: CLIP-style vision tower + projector, LLaMA-style decoder.
 
     One image per sample, with ``image_length`` placeholder tokens in the prompt (the llava-hf
@@ -25,27 +25,7 @@ class LlavaAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
-        config = model.config
-        text_config = config.get_text_config(decoder=True)
-        vision_config = config.vision_config
-        language_model = model.model.language_model
-        if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
-            raise ValueError("sliding-window language models are not supported (the KV reuse assumes full attention)")
-
-        self.config = config
-        self.text_config = text_config
-        self.embed_tokens = language_model.embed_tokens
-        self.layers = language_model.layers
-        self.rotary_emb = language_model.rotary_emb
-        self._norm = language_model.norm
-
-        self.num_layers = text_config.num_hidden_layers
-        self.hidden_size = text_config.hidden_size
-        self.num_heads = text_config.num_attention_heads
-        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // self.num_heads
-        self.image_token_id = config.image_token_id
-
+        config, vision_config = model.config, model.config.vision_config
         side = vision_config.image_size // vision_config.patch_size
         self.image_grid = (side, side)
         self.vision_input_size = (vision_config.image_size, vision_config.image_size)
@@ -55,30 +35,6 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError("vision_feature_select_strategy='full' (CLS token kept) has no token grid; "
                              "only 'default' is supported")
         self.geometry = ImageGeometry.from_processor(processor, self.vision_input_size)
-
-    # -- modules -----------------------------------------------------------------------------------
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._norm
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
-    def config_fingerprint(self) -> dict:
-        text = self.text_config
-        return {
-            "family": self.family,
-            "model_type": text.model_type,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": text.intermediate_size,
-            "vocab_size": text.vocab_size,
-            "image_grid": list(self.image_grid),
-        }
 
     @staticmethod
     def set_processor_geometry(processor, mode: str) -> bool:
@@ -138,12 +94,8 @@ class LlavaAdapter(ModelAdapter):
         image_features: torch.Tensor | None = None,
         validate: bool = True,
     ) -> ModelInputs:
-        input_ids = input_ids.to(self.device)
+        input_ids, is_image, attention_mask = self.prompt_on_device(input_ids, attention_mask)
         batch, length = input_ids.shape
-        is_image = input_ids == self.image_token_id
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.to(device=self.device, dtype=torch.bool)
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("embed needs pixel_values or image_features for the image tokens")

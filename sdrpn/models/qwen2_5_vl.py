@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelAdapter, ModelInputs, default_position_ids
+from .base import LanguageModelAdapter, ModelInputs, default_position_ids
 
 __all__ = ["Qwen2_5_VLAdapter"]
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw")
 
 
-class Qwen2_5_VLAdapter(ModelAdapter):
+class Qwen2_5_VLAdapter(LanguageModelAdapter):
     """Drives a Qwen2.5-VL model: windowed ViT with 2 x 2 merging, Qwen2 decoder with M-RoPE.
 
     One image per sample. The RPN head applies M-RoPE to its q/k, as the authors' Qwen2.5-VL RPN.
@@ -38,58 +38,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
         config = model.config
-        text_config = config.get_text_config(decoder=True)
-        language_model = model.model.language_model
-        if getattr(text_config, "use_sliding_window", False):
-            raise ValueError("sliding-window language models are not supported (the KV reuse assumes full attention)")
-
-        self.config = config
-        self.text_config = text_config
-        self.embed_tokens = language_model.embed_tokens
-        self.layers = language_model.layers
-        self.rotary_emb = language_model.rotary_emb
-        self._norm = language_model.norm
-
-        self.num_layers = text_config.num_hidden_layers
-        self.hidden_size = text_config.hidden_size
-        self.num_heads = text_config.num_attention_heads
-        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // self.num_heads
-        self.image_token_id = config.image_token_id
         self.vision_start_token_id = config.vision_start_token_id
         self.vision_end_token_id = config.vision_end_token_id
-        vision_config = config.vision_config
-        self.merge_size = vision_config.spatial_merge_size
+        self.merge_size = config.vision_config.spatial_merge_size
         # One token covers merge x merge patches: 28 pixels a side for Qwen2.5-VL.
-        self.cell_size = vision_config.patch_size * self.merge_size
+        self.cell_size = config.vision_config.patch_size * self.merge_size
         # The authors label and train on square 24 x 24-token views (576 * 28 * 28 pixels).
         self.image_grid = (24, 24)
         self.vision_input_size = (self.image_grid[0] * self.cell_size, self.image_grid[1] * self.cell_size)
         self.geometry = None
-
-    # -- modules -----------------------------------------------------------------------------------
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._norm
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
-    def config_fingerprint(self) -> dict:
-        text = self.text_config
-        return {
-            "family": self.family,
-            "model_type": text.model_type,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": text.intermediate_size,
-            "vocab_size": text.vocab_size,
-            "image_grid": list(self.image_grid),
-        }
 
     @staticmethod
     def set_processor_geometry(processor, mode: str) -> bool:
@@ -125,12 +82,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         image_features: list[torch.Tensor] | None = None,
         validate: bool = True,
     ) -> ModelInputs:
-        input_ids = input_ids.to(self.device)
+        input_ids, is_image, attention_mask = self.prompt_on_device(input_ids, attention_mask)
         batch, length = input_ids.shape
-        is_image = input_ids == self.image_token_id
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.to(device=self.device, dtype=torch.bool)
         if pixel_values is None:
             raise ValueError("embed needs the vision input (pixel_values and image_grid_thw) for the image positions")
         grid_thw = pixel_values["image_grid_thw"].to(self.device)
