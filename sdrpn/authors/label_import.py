@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 from ..distill.label_job import ISSUES_NAME, SETTINGS_FORMAT, SETTINGS_NAME, stuck_foreground_warning
 from ..distill.labels import assign_labels, is_valid
 from ..distill.records import RecordProblem
+from ..issues import issues_summary, report_issue
 from ..distill.shards import (atomic_write, completed_records, next_sequence, remove_temporary_files, shard_name,
                               write_index, write_shard)
 from ..errors import UserError
@@ -77,9 +76,13 @@ class AuthorsSample:
 
 @dataclass(frozen=True)
 class SkippedRecord:
+    """A pickle record that was skipped; summarised with the other commands' issues
+    (:func:`sdrpn.issues.issues_summary`)."""
+
     record: int
     question_id: str | None
     reason: str
+    action = "skipped"  # not a field: issues.jsonl holds record, question_id and reason
 
     def __str__(self) -> str:
         ident = f" (question_id {self.question_id})" if self.question_id is not None else ""
@@ -102,10 +105,9 @@ class ImportSummary:
         lines = [f"imported {self.imported} samples in this run ({self.valid} with valid labels); "
                  f"{self.already_done} were already done",
                  f"output: {self.total_samples} samples, {self.total_valid} with valid labels"]
-        if self.skipped:
-            kinds = Counter(issue.reason.split(":")[0] for issue in self.skipped)
-            lines.append(f"skipped {len(self.skipped)} record{'s' if len(self.skipped) != 1 else ''}: "
-                         + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + f" (listed in {ISSUES_NAME})")
+        skipped = issues_summary(self.skipped)
+        if skipped:
+            lines.append(f"{skipped} (listed in {ISSUES_NAME})")
         lines.extend(f"warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
 
@@ -259,7 +261,7 @@ def import_labels(pickle_path: str | Path, out_dir: str | Path, grid: tuple[int,
             question_id = item.get("question_id") if isinstance(item, dict) else None
             issue = SkippedRecord(position, None if question_id is None else str(question_id), str(problem))
             summary.skipped.append(issue)
-            bar.write(f"sdrpn import-labels: {issue}", file=sys.stderr)
+            report_issue("import-labels", issue, bar.write)
             continue
         if len(pending) == shard_size:
             flush()

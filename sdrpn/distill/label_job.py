@@ -166,7 +166,6 @@ class LabelSummary:
     labelled: int = 0
     valid: int = 0
     already_done: int = 0
-    skipped: list[RecordIssue] = field(default_factory=list)
     total_samples: int = 0
     total_valid: int = 0
     issues: list[RecordIssue] = field(default_factory=list)
@@ -290,10 +289,10 @@ def run_label_job(
     done = completed_records(out_dir)
     mine = [record for record in distributed.shard(records, context) if record.index not in done]
     summary = LabelSummary(already_done=len(distributed.shard(records, context)) - len(mine))
-    summary.skipped = _label_records(labeller, mine, image_root, out_dir, options, context, summary, progress)
+    skipped_here = _label_records(labeller, mine, image_root, out_dir, options, context, summary, progress)
 
     distributed.barrier()
-    skipped = [issue for part in distributed.gather_objects(summary.skipped) for issue in part]
+    skipped = [issue for part in distributed.gather_objects(skipped_here) for issue in part]
     if context.is_main:
         rows = completed_records(out_dir)
         write_index(out_dir, rows.values())
