@@ -14,7 +14,13 @@ By default every rule is the SD-RPN authors' release for LLaVA-1.5 (YuHengsss/SD
 view; 1: box upscaling of its (grown) box; >= 2: masked upscaling of the box around the whole
 thresholded mask, dropped components included. Strategies: ``"mask"`` (that rule), ``"box"`` (box
 upscaling of the box around every kept component's box, also for >= 2 components, where the authors'
-``bbox`` mode encodes two crops or none) and ``"none"`` (never a second view).
+``bbox`` mode encodes two crops or none), ``"masked"`` (masked upscaling of the box around the whole
+mask whenever a cell passes the threshold, no component filters: the authors' Qwen2.5-VL rule,
+``get_batched_sub_images`` in ``Qwen2.5-VL/qwen_src/mm_utils.py`` ~946-990) and ``"none"`` (never
+a second view).
+
+Views of different token grids in one batch (Qwen's aspect-keeping views) go through
+:func:`propose_grids`, which post-processes each grid on its own and pads the results.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import ops
 from .models.geometry import PIL_BILINEAR, ImageGeometry, resample_views, square_crop_boxes, to_rgb_array
@@ -35,12 +42,15 @@ __all__ = [
     "RoIProposal",
     "SourceImages",
     "propose",
+    "propose_grids",
+    "edge_sink_cells",
     "forced_logits",
     "grid_box_crops",
     "grid_box_squares",
     "region_crops",
     "roi_views",
     "roi_token_keep",
+    "roi_token_keep_grids",
     "MODE_NONE",
     "MODE_BOX",
     "MODE_MASK",
@@ -57,7 +67,7 @@ THRESHOLDS = {
     "hrbench": 0.1,
     "ocrbench": 0.05,
 }
-STRATEGIES = ("mask", "box", "none")
+STRATEGIES = ("mask", "masked", "box", "none")
 MODE_NONE, MODE_BOX, MODE_MASK = 0, 1, 2
 
 
@@ -66,7 +76,7 @@ class RoIOptions:
     """Post-processing of RPN maps (defaults: the authors' LLaVA-1.5 setting).
 
     Attributes:
-        strategy: "mask", "box" or "none".
+        strategy: "mask", "masked", "box" or "none" (see the module docstring).
         threshold: probability threshold of the blurred map (strict ``>``).
         blur: 3x3 Gaussian blur (sigma 1) before thresholding.
         connectivity: 8 (or 4) for connected components.
@@ -80,6 +90,10 @@ class RoIOptions:
             every RoI is the box upscaling of the strongest region; with more, masked upscaling
             keeps the chosen components' cells instead of the whole mask. For models whose maps
             often have far-apart components, where one loose enclosing crop is too coarse to read.
+        edge_sink_above: maps of more cells than this have the first ``H // 4`` cells of column 0
+            and the first ``W // 4`` cells of row 0 set to probability 0 before the blur, where
+            large Qwen2.5-VL maps hold attention sinks their RPN never saw in training (the authors'
+            rule, ``Qwen2.5-VL/qwen_src/mm_utils.py`` ~956-960, 768 cells); None never does.
     """
 
     strategy: str = "mask"
@@ -92,6 +106,7 @@ class RoIOptions:
     grow_to: int = 3
     max_components: int = 16
     max_regions: int | None = None
+    edge_sink_above: int | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -145,6 +160,8 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     """
     batch = logits.shape[0]
     logits = logits.reshape(batch, *grid).float()
+    if options.edge_sink_above is not None and grid[0] * grid[1] > options.edge_sink_above:
+        logits = logits.masked_fill(edge_sink_cells(grid, logits.device), float("-inf"))
     prob, mask = ops.roi_mask(logits, options.threshold, options.blur)
     labels = ops.connected_components(mask, options.connectivity)
 
@@ -167,6 +184,8 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
         mode = torch.zeros(batch, dtype=torch.long, device=logits.device)
     elif options.strategy == "box":
         mode = torch.where(total > 0, MODE_BOX, MODE_NONE)
+    elif options.strategy == "masked":
+        mode = torch.where(masked_source.flatten(1).any(dim=1), MODE_MASK, MODE_NONE)
     else:
         mode = torch.where(total > 1, MODE_MASK, torch.where(total > 0, MODE_BOX, MODE_NONE))
 
@@ -179,6 +198,53 @@ def propose(logits: torch.Tensor, grid: tuple[int, int], options: RoIOptions) ->
     cells = torch.where((mode == MODE_MASK)[:, None, None], masked_source, _box_cells(region, grid))
     return RoIProposal(logits=logits, prob=prob, mask=mask, boxes=boxes, valid=valid, counts=total.int(),
                        cells=cells, region=region, mode=mode)
+
+
+def edge_sink_cells(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """(H, W) bool: the first ``H // 4`` cells of column 0 and ``W // 4`` cells of row 0."""
+    cells = torch.zeros(grid, dtype=torch.bool, device=device)
+    cells[: grid[0] // 4, 0] = True
+    cells[0, : grid[1] // 4] = True
+    return cells
+
+
+def propose_grids(logits: torch.Tensor, grids: list[tuple[int, int]], options: RoIOptions) -> RoIProposal:
+    """:func:`propose` for a batch whose samples have token grids of their own.
+
+    Args:
+        logits: (B, N) RPN logits, sample ``i`` in its first ``H_i * W_i`` entries.
+        grids: per sample, ``(H_i, W_i)`` (read on the host).
+        options: post-processing settings.
+
+    Returns:
+        The proposal with maps padded to the largest grid (logits -inf, probabilities 0, masks and
+        cells False outside a sample's grid). Samples of one grid are processed together; every
+        sample's result equals its own :func:`propose`.
+    """
+    grids = [tuple(int(side) for side in grid) for grid in grids]
+    if len(set(grids)) == 1:
+        return propose(logits[:, : grids[0][0] * grids[0][1]], grids[0], options)
+    height, width = max(grid[0] for grid in grids), max(grid[1] for grid in grids)
+    parts = {}
+    for grid in sorted(set(grids)):
+        rows = torch.tensor([i for i, g in enumerate(grids) if g == grid], device=logits.device)
+        parts[grid] = (rows, propose(logits[rows, : grid[0] * grid[1]], grid, options))
+    first = next(iter(parts.values()))[1]
+    maps = {"logits": float("-inf"), "prob": 0.0, "mask": False, "cells": False}  # and their fill
+    padded = {}
+    for name in RoIProposal.__dataclass_fields__:
+        sample = getattr(first, name)
+        if name in maps:
+            out = torch.full((len(grids), height, width), maps[name], dtype=sample.dtype, device=sample.device)
+        else:
+            out = torch.zeros((len(grids), *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
+        for grid, (rows, proposal) in parts.items():
+            if name in maps:
+                out[rows, : grid[0], : grid[1]] = getattr(proposal, name)
+            else:
+                out[rows] = getattr(proposal, name)
+        padded[name] = out
+    return RoIProposal(**padded)
 
 
 def _enclosing_boxes(boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -268,15 +334,20 @@ class SourceImages:
             (:meth:`~sdrpn.models.geometry.ImageGeometry.crop_map`).
         max_side: the longest image side (bounds the crops).
         mean, std: (3, 1, 1) float32 normalisation constants, uploaded with the images.
+        images: the RGB PIL images, for views the processor encodes on the host.
+
+    Without a view geometry (families whose views keep the aspect ratio and are encoded by the
+    processor), ``transforms``, ``crop_maps``, ``mean`` and ``std`` are None and ``images`` is kept.
     """
 
     pixels: torch.Tensor
     sizes: torch.Tensor
-    transforms: torch.Tensor
-    crop_maps: torch.Tensor
+    transforms: torch.Tensor | None
+    crop_maps: torch.Tensor | None
     max_side: int
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    images: list | None = None
 
     @classmethod
     def from_pil(cls, images, geometry: ImageGeometry, device) -> SourceImages:
@@ -291,14 +362,16 @@ class SourceImages:
         pixels = torch.from_numpy(canvas)
         sizes = [(array.shape[1], array.shape[0]) for array in arrays]
         pin = torch.device(device).type == "cuda"
+        known = geometry is not None
         return cls(
             pixels=(pixels.pin_memory() if pin else pixels).to(device, non_blocking=True).permute(0, 3, 1, 2),
             sizes=torch.tensor(sizes, dtype=torch.long).to(device),
-            transforms=geometry.transforms_tensor(sizes).to(device),
-            crop_maps=geometry.crop_maps_tensor(sizes).to(device),
+            transforms=geometry.transforms_tensor(sizes).to(device) if known else None,
+            crop_maps=geometry.crop_maps_tensor(sizes).to(device) if known else None,
             max_side=max(max(size) for size in sizes),
-            mean=torch.tensor(geometry.image_mean, dtype=torch.float32).view(3, 1, 1).to(device),
-            std=torch.tensor(geometry.image_std, dtype=torch.float32).view(3, 1, 1).to(device),
+            mean=torch.tensor(geometry.image_mean, dtype=torch.float32).view(3, 1, 1).to(device) if known else None,
+            std=torch.tensor(geometry.image_std, dtype=torch.float32).view(3, 1, 1).to(device) if known else None,
+            images=None if known else [Image.fromarray(array) for array in arrays],
         )
 
 
@@ -371,6 +444,21 @@ def roi_token_keep(proposal: RoIProposal, grid: tuple[int, int]) -> torch.Tensor
     mode = proposal.mode[:, None, None]
     keep = torch.where(mode == MODE_BOX, torch.ones_like(keep), keep & (mode == MODE_MASK))
     return keep.reshape(keep.shape[0], -1)
+
+
+def roi_token_keep_grids(proposal: RoIProposal, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """(B, N) bool, :func:`roi_token_keep` for RoI views of a token grid each (``grids``, on the
+    host, (0, 0) for a sample without a view): sample ``i``'s first ``H_i * W_i`` entries hold its
+    keep mask, ``N`` is the largest grid's token count."""
+    capacity = max([grid[0] * grid[1] for grid in grids] + [0])
+    keep = torch.zeros(len(grids), capacity, dtype=torch.bool, device=proposal.mode.device)
+    for index, grid in enumerate(grids):
+        if grid[0] * grid[1] == 0:
+            continue
+        row = slice(index, index + 1)
+        one = RoIProposal(**{name: getattr(proposal, name)[row] for name in RoIProposal.__dataclass_fields__})
+        keep[index, : grid[0] * grid[1]] = roi_token_keep(one, tuple(grid))[0]
+    return keep
 
 
 def resized_region_mask_above_half(cells: torch.Tensor, region: torch.Tensor,

@@ -93,17 +93,20 @@ class RPN(nn.Module):
     Attributes:
         start_layer: K, the model layer whose input the RPN reads.
         num_blocks: T, decoder layers spanned (T - 1 full blocks + the q/k head of layer K+T-1).
-        threshold: default RoI threshold of this RPN (:data:`DEFAULT_THRESHOLD` unless set).
+        threshold: default RoI threshold of this RPN (the family's, ``adapter.default_threshold``,
+            unless set: 0.15 for LLaVA-1.5).
         calibrated_threshold: the threshold calibrated on held-out labels by ``sdrpn train``, or None.
         config: the JSON-serialisable configuration written to ``config.json``.
     """
 
     def __init__(self, adapter: ModelAdapter, start_layer: int, num_blocks: int,
-                 threshold: float = DEFAULT_THRESHOLD, thresholds: dict | None = None, labels: dict | None = None,
+                 threshold: float | None = None, thresholds: dict | None = None, labels: dict | None = None,
                  prompt=None, image_start: int | None = None, geometry: str | None = None,
                  calibrated_threshold: float | None = None):
         super().__init__()
         adapter = adapter_for(adapter)
+        if threshold is None:  # the family's released setting (0.15 for LLaVA-1.5, 0.25 for Qwen2.5-VL)
+            threshold = adapter.default_threshold
         if num_blocks < 1:
             raise ValueError(f"num_blocks (T) must be >= 1, got {num_blocks}")
         if not 0 <= start_layer or start_layer + num_blocks > adapter.num_layers:
@@ -192,6 +195,7 @@ class RPN(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         rope_position_ids: torch.Tensor | None = None,
+        image_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoI logits of the image tokens.
 
@@ -205,6 +209,9 @@ class RPN(nn.Module):
             position_ids: (B, S) positions; by default counted over the real tokens.
             rope_position_ids: (P, B, S) rotary positions where they are not ``position_ids``
                 (multi-axis RoPE, see :mod:`sdrpn.models.base`).
+            image_lengths: (B,) image tokens of each sample, when they differ (views of their own
+                grid) and ``image_positions`` is the (B,) first index: N is then the largest, and a
+                sample's logits beyond its own count are -inf.
 
         Returns:
             (B, N) float32 logits, differentiable in training.
@@ -222,9 +229,16 @@ class RPN(nn.Module):
             query_index = torch.full((batch,), query_index, dtype=torch.long, device=device)
         query_index = query_index.to(device).expand(batch)
         image_positions = image_positions.to(device)
+        beyond = None
         if image_positions.ndim == 1:
-            grid_cells = self.image_grid[0] * self.image_grid[1]
-            image_positions = image_positions[:, None] + torch.arange(grid_cells, device=device)
+            if image_lengths is None:
+                offsets = torch.arange(self.image_grid[0] * self.image_grid[1], device=device)
+            else:
+                image_lengths = image_lengths.to(device)
+                offsets = torch.arange(int(image_lengths.max()), device=device)
+                beyond = offsets >= image_lengths[:, None]
+                offsets = torch.minimum(offsets, image_lengths[:, None] - 1)  # a real token, scored then masked
+            image_positions = image_positions[:, None] + offsets
 
         rotary = None
         if len(self.blocks) or self.use_rope:
@@ -248,7 +262,8 @@ class RPN(nn.Module):
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: one key head per query group
             k = k.view(batch, -1, self.num_kv_heads, self.head_dim)
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2).flatten(2)
-        return self.score(q, k)
+        scores = self.score(q, k)
+        return scores if beyond is None else scores.masked_fill(beyond, float("-inf"))
 
     def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(B, N) mean over heads of scaled q.k: the compiled op, or plain PyTorch under autograd."""

@@ -20,6 +20,7 @@ from sdrpn.roi import (
     SourceImages,
     forced_logits,
     propose,
+    propose_grids,
     region_crops,
     roi_token_keep,
 )
@@ -28,29 +29,30 @@ GRID = (24, 24)
 MODES = {"none": MODE_NONE, "box": MODE_BOX, "mask": MODE_MASK}
 
 
-def _random_maps(batch, seed):
+def _random_maps(batch, seed, grid=GRID):
     """Logit maps with blobs of every size: noise, small (grown), medium and too-large components."""
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.full((batch, *GRID), -6.0)
+    logits = torch.full((batch, *grid), -6.0)
     for sample in range(batch):
         for _ in range(int(torch.randint(0, 6, (1,), generator=generator))):
-            height, width = (int(v) for v in torch.randint(1, 12, (2,), generator=generator))
-            y0 = int(torch.randint(0, GRID[0] - height + 1, (1,), generator=generator))
-            x0 = int(torch.randint(0, GRID[1] - width + 1, (1,), generator=generator))
+            height, width = (int(v) for v in torch.randint(1, min(12, *grid), (2,), generator=generator))
+            y0 = int(torch.randint(0, grid[0] - height + 1, (1,), generator=generator))
+            x0 = int(torch.randint(0, grid[1] - width + 1, (1,), generator=generator))
             logits[sample, y0:y0 + height, x0:x0 + width] = 4.0
     return logits + torch.randn(logits.shape, generator=generator)
 
 
 def _adapter(mode="crop"):
     geometry = ImageGeometry(mode=mode, input_size=(336, 336), shortest_edge=336)
-    return SimpleNamespace(image_grid=GRID, geometry=geometry)
+    return SimpleNamespace(image_grid=GRID, geometry=geometry, roi_views_on_device=True)
 
 
-@pytest.mark.parametrize("strategy", ["mask", "box", "none"])
+@pytest.mark.parametrize("strategy", ["mask", "masked", "box", "none"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("max_regions", [None, 1, 2])
 def test_proposal_matches_scikit_image(strategy, seed, max_regions):
-    options = RoIOptions(strategy=strategy, threshold=0.15, max_regions=max_regions)
+    options = RoIOptions(strategy=strategy, threshold=0.15, max_regions=max_regions,
+                         edge_sink_above=500 if strategy == "masked" else None)
     logits = _random_maps(8, seed)
     proposal = propose(logits.flatten(1), GRID, options)
     images = [Image.new("RGB", (500, 400))] * 8
@@ -228,3 +230,40 @@ def test_invalid_options():
         RoIOptions(threshold=1.5)
     with pytest.raises(ValueError, match="max_regions"):
         RoIOptions(max_regions=0)
+
+
+def test_edge_sinks_of_large_maps_never_enter_the_mask():
+    # Only the first H // 4 cells of column 0 and W // 4 of row 0 are high: above the cell count
+    # they are zeroed (no RoI); at or below it they make one.
+    grid = (30, 28)
+    logits = torch.full((1, *grid), -20.0)
+    logits[0, :7, 0] = 20.0
+    logits[0, 0, :7] = 20.0
+    above = propose(logits, grid, RoIOptions(strategy="masked", threshold=0.25, edge_sink_above=768))
+    at = propose(logits, grid, RoIOptions(strategy="masked", threshold=0.25, edge_sink_above=840))
+    assert int(above.mode[0]) == MODE_NONE and not above.mask.any()
+    assert int(at.mode[0]) == MODE_MASK and at.mask[0, :7, 0].all()
+    below = logits.clone()
+    below[0, 7:10, 0:3] = 20.0  # a blob just below the zeroed run survives
+    kept = propose(below, grid, RoIOptions(strategy="masked", threshold=0.25, edge_sink_above=768))
+    assert kept.mask[0, 8, 1] and not kept.mask[0, :6, 0].any()
+
+
+@pytest.mark.parametrize("strategy", ["mask", "masked"])
+def test_grids_of_their_own_equal_each_sample_alone(strategy):
+    grids = [(24, 24), (10, 31), (24, 24), (7, 5)]
+    options = RoIOptions(strategy=strategy, threshold=0.15)
+    maps = [_random_maps(1, seed, grid) for seed, grid in enumerate(grids)]
+    width = max(h * w for h, w in grids)
+    flat = torch.full((len(grids), width), float("-inf"))
+    for index, one in enumerate(maps):
+        flat[index, : one.numel()] = one.flatten()
+    batch = propose_grids(flat, grids, options)
+    for index, (one, grid) in enumerate(zip(maps, grids)):
+        alone = propose(one.flatten(1), grid, options)
+        for name in ("prob", "mask", "cells"):
+            value = getattr(batch, name)[index]
+            assert torch.equal(value[: grid[0], : grid[1]], getattr(alone, name)[0]), name
+            assert not value[grid[0]:].bool().any() and not value[:, grid[1]:].bool().any(), name
+        for name in ("boxes", "valid", "counts", "region", "mode"):
+            assert torch.equal(getattr(batch, name)[index], getattr(alone, name)[0]), name

@@ -34,6 +34,7 @@ class PromptLayout:
         prefix_tokens: (B,) int64 real tokens in each prefix (the position of the first RoI token).
         question_tokens: (B,) int64 real tokens in each question.
         image_start: (B,) int64 index of the first image token of each row.
+        image_lengths: (B,) int64 image tokens of each row (views of their own grid differ).
         padded: whether any row holds padding (without, attention needs no mask).
     """
 
@@ -44,19 +45,27 @@ class PromptLayout:
     prefix_tokens: torch.Tensor
     question_tokens: torch.Tensor
     image_start: torch.Tensor
+    image_lengths: torch.Tensor
     padded: bool
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int,
-              image_length: int, pad_token_id: int) -> PromptLayout:
-        """Lays out processor outputs (left or right padded) as described in the module docstring."""
+              image_lengths: int | list[int], pad_token_id: int) -> PromptLayout:
+        """Lays out processor outputs (left or right padded) as described in the module docstring.
+
+        ``image_lengths``: the image tokens each row must hold (one count for all rows, or one per row).
+        """
         input_ids = input_ids.cpu()
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+        if isinstance(image_lengths, int):
+            image_lengths = [image_lengths] * input_ids.shape[0]
+        if len(image_lengths) != input_ids.shape[0]:
+            raise ValueError(f"got {len(image_lengths)} images for {input_ids.shape[0]} prompts; one image per prompt")
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.cpu().bool())
         prefixes, questions = [], []
-        for row, (ids, real) in enumerate(zip(input_ids, mask)):
+        for row, (ids, real, image_length) in enumerate(zip(input_ids, mask, image_lengths)):
             tokens = ids[real]
             image = (tokens == image_token_id).nonzero().flatten()
             if image.numel() != image_length or image[-1] - image[0] + 1 != image_length:
@@ -79,6 +88,7 @@ class PromptLayout:
                 ids[row, -len(question):] = question
                 real[row, -len(question):] = True
         prefix_tokens = torch.tensor([len(p) for p in prefixes])
+        lengths = torch.tensor(image_lengths, dtype=torch.long)
         return cls(
             input_ids=ids,
             attention_mask=real,
@@ -86,7 +96,8 @@ class PromptLayout:
             question_length=question_length,
             prefix_tokens=prefix_tokens,
             question_tokens=torch.tensor([len(q) for q in questions]),
-            image_start=prefix_length - image_length + torch.zeros(batch, dtype=torch.long),
+            image_start=prefix_length - lengths,
+            image_lengths=lengths,
             padded=not bool(real.all()),
         )
 
@@ -99,6 +110,7 @@ class PromptLayout:
             prefix_tokens=self.prefix_tokens.to(device, non_blocking=True),
             question_tokens=self.question_tokens.to(device, non_blocking=True),
             image_start=self.image_start.to(device, non_blocking=True),
+            image_lengths=self.image_lengths.to(device, non_blocking=True),
             padded=self.padded,
         )
 

@@ -96,8 +96,9 @@ def get_method(name: str) -> Method:
 def layout_of(engine, request: GenerationRequest) -> PromptLayout:
     """The request's prompts laid out as [prefix | question block] on the model's device."""
     adapter = engine.adapter
+    lengths = [rows * cols for rows, cols in adapter.view_grids(request.pixel_values)]
     layout = PromptLayout.build(request.input_ids, request.attention_mask, adapter.image_token_id,
-                                adapter.image_length, request.sampling.pad_token_id)
+                                lengths, request.sampling.pad_token_id)
     return layout.to(adapter.device)
 
 
@@ -119,12 +120,12 @@ def sdrpn_method(engine, request: GenerationRequest) -> MethodResult:
     if no_roi:
         tokens, prefill = None, continue_prefill(adapter, stage1, layout, rpn.start_layer)
     else:
-        tokens = roi_tokens(adapter, stage1, sources, engine.sync_free)
+        tokens = roi_tokens(adapter, stage1, sources, engine.sync_free, engine.image_processor)
         prefill = run_stage2(adapter, stage1, layout, tokens, rpn.start_layer, engine.sync_free)
     decoded = decode(adapter, prefill.cache, prefill.logits, prefill.attention_mask, prefill.next_position,
-                     request.sampling, request.keep_logits)
+                     request.sampling, request.keep_logits, prefill.rope_delta)
     return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=stage1.proposal, roi_tokens=tokens,
-                        visual_tokens=adapter.image_length + prefill.roi_lengths)
+                        visual_tokens=layout.image_lengths + prefill.roi_lengths)
 
 
 @register_method("baseline")
@@ -184,6 +185,7 @@ def reference_method(engine, request: GenerationRequest) -> MethodResult:
         steps = max(len(d.logits) for d in decoded)
         logits = [torch.cat([d.logits[step] if step < len(d.logits) else torch.full_like(d.logits[0], float("nan"))
                              for d in decoded]) for step in range(steps)]
-    visual = torch.tensor([engine.adapter.image_length + (0 if r.keep is None else int(r.keep.sum())) for r in rois])
+    originals = [rows * cols for rows, cols in engine.adapter.view_grids(request.pixel_values)]
+    visual = torch.tensor([count + (0 if r.keep is None else int(r.keep.sum())) for count, r in zip(originals, rois)])
     return MethodResult(tokens=tokens, logits=logits, roi=rois, roi_tokens=None, visual_tokens=visual)
 

@@ -70,22 +70,26 @@ class SDRPN:
         rpn: an :class:`~sdrpn.rpn.RPN`, or a directory written by ``RPN.save_pretrained``.
         processor: the model's processor (image geometry, ``answer``); None uses the family's default
             geometry. Its geometry should be the RPN's (``rpn.geometry``); a warning says when not.
-        strategy: "mask" (default), "box" or "none".
-        threshold: RoI threshold: a number; None for the RPN's default (0.15, the authors' setting for
-            LLaVA-1.5); ``"calibrated"`` for the one ``sdrpn train`` calibrated on held-out labels.
+        strategy: "mask", "masked", "box" or "none"; None (default) for the family's released rule
+            ("mask" for LLaVA-1.5, "masked" for Qwen2.5-VL, see :mod:`sdrpn.roi`).
+        threshold: RoI threshold: a number; None for the RPN's default (the authors' setting: 0.15 for
+            LLaVA-1.5, 0.25 for Qwen2.5-VL); ``"calibrated"`` for the one ``sdrpn train`` calibrated
+            on held-out labels.
         prompt: the conversation template of :meth:`prompt` and :meth:`answer` for every method (a
             :mod:`sdrpn.prompts` preset name, recorded dict or template); None uses the RPN's
             (``rpn.prompt_template``).
         compile: compile the RPN + RoI post-processing of stage 1 with ``torch.compile``.
         method: default method of :meth:`generate` ("sdrpn", "baseline", "sdrpn-reference", ...).
-        roi_options: further post-processing settings (:class:`~sdrpn.roi.RoIOptions`).
+        roi_options: further post-processing settings (:class:`~sdrpn.roi.RoIOptions`); None for the
+            family's (``adapter.roi_defaults``).
         sync_free: nothing between the stages reads a device value on the host: static shapes
             (H * W RoI slots per row), graph-capturable. False trims stage 2 to the RoI tokens that
             exist (and skips it without a RoI). None (default): True on GPUs, False on the CPU,
-            where reading values costs nothing.
+            where reading values costs nothing, and False for families whose processor sizes the
+            RoI view by the crop (Qwen), which cannot run sync-free.
     """
 
-    def __init__(self, model, rpn, processor=None, strategy: str = "mask", threshold: float | str | None = None,
+    def __init__(self, model, rpn, processor=None, strategy: str | None = None, threshold: float | str | None = None,
                  compile: bool = False, method: str = "sdrpn", roi_options: RoIOptions | None = None,
                  sync_free: bool | None = None, prompt: str | dict | PromptTemplate | None = None):
         self.adapter = adapter_for(model, processor)
@@ -93,11 +97,15 @@ class SDRPN:
         self.processor = processor
         self.rpn = rpn if isinstance(rpn, RPN) else RPN.from_pretrained(rpn, self.adapter)
         self.prompt_template = self.rpn.prompt_template if prompt is None else template_named(prompt)
-        base = roi_options or RoIOptions()
-        self.options = RoIOptions(**{**base.__dict__, "strategy": strategy,
+        base = roi_options or RoIOptions(**self.adapter.roi_defaults)
+        self.options = RoIOptions(**{**base.__dict__, "strategy": strategy or base.strategy,
                                      "threshold": self.rpn.resolve_threshold(threshold)})
         self.method = method
-        self.sync_free = self.adapter.device.type != "cpu" if sync_free is None else bool(sync_free)
+        on_device = self.adapter.roi_views_on_device
+        if sync_free and not on_device:
+            raise ValueError(f"{self.adapter.family} encodes each RoI view at a size the crop decides (its "
+                             "processor's pixel budget), which is read on the host: use sync_free=False")
+        self.sync_free = (on_device and self.adapter.device.type != "cpu") if sync_free is None else bool(sync_free)
         get_method(method)
         self.proposal_fn = torch.compile(rpn_proposal, dynamic=False) if compile else rpn_proposal
         self._warned_image_start = False
@@ -112,13 +120,19 @@ class SDRPN:
         """Stage 1 only: maps, masks, boxes and counts (plus the source crops when ``images`` are given)."""
         options = self._options(threshold, strategy)
         self._check_image_start(input_ids, attention_mask)
-        layout = PromptLayout.build(input_ids, attention_mask, self.adapter.image_token_id,
-                                    self.adapter.image_length, 0).to(self.adapter.device)
-        stage1 = run_stage1(self.adapter, self.rpn, layout, pixel_values, options, roi_logits, self.proposal_fn)
+        adapter = self.adapter
+        lengths = [rows * cols for rows, cols in adapter.view_grids(pixel_values)]
+        layout = PromptLayout.build(input_ids, attention_mask, adapter.image_token_id, lengths, 0).to(adapter.device)
+        stage1 = run_stage1(adapter, self.rpn, layout, pixel_values, options, roi_logits, self.proposal_fn)
         crops = None
         if images is not None:
-            sources = SourceImages.from_pil(images, self.adapter.geometry, self.adapter.device)
-            rects = region_crops(stage1.proposal, sources, self.adapter.geometry, self.adapter.image_grid)
+            sources = SourceImages.from_pil(images, adapter.geometry, adapter.device)
+            proposal = stage1.proposal
+            if adapter.roi_views_on_device:
+                rects = region_crops(proposal, sources, adapter.geometry, adapter.image_grid)
+            else:
+                grids = torch.tensor(stage1.grids, device=proposal.region.device)
+                rects = adapter.roi_source_rects(proposal.region, grids, sources)
             crops = torch.cat([rects[:, :2], rects[:, :2] + rects[:, 2:]], dim=1)
         return RoIPrediction(proposal=stage1.proposal, crops=crops)
 
@@ -186,6 +200,11 @@ class SDRPN:
     def prompt(self, question: str) -> str:
         """The prompt of ``question`` about one image, in the engine's template (the RPN's by default)."""
         return self.prompt_template.render(question, self.processor)
+
+    @property
+    def image_processor(self):
+        """The processor's image processor (what encodes RoI views the processor sizes), or None."""
+        return getattr(self.processor, "image_processor", self.processor)
 
     # -- helpers -----------------------------------------------------------------------------------
 

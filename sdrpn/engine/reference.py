@@ -37,7 +37,8 @@ class ReferenceRoI:
         mode: "none", "box" or "mask".
         region: the grid box ``[x0, y0, x1, y1)`` the second view is cut from, or None.
         crop: ``(x0, y0, width, height)`` of the source-pixel rectangle, or None.
-        keep: (H * W,) bool tokens of the RoI view that enter stage 2, or None.
+        keep: (H' * W',) bool tokens of the RoI view that enter stage 2, or None.
+        view_grid: the RoI view's token grid ``(H', W')``, or None.
     """
 
     prob: np.ndarray
@@ -47,6 +48,7 @@ class ReferenceRoI:
     region: tuple | None = None
     crop: tuple | None = None
     keep: np.ndarray | None = None
+    view_grid: tuple | None = None
 
 
 def _components(labels: np.ndarray, prob: np.ndarray, options: RoIOptions):
@@ -117,40 +119,65 @@ def _bilinear_keep(cells: np.ndarray, region, grid) -> np.ndarray:
     return keep.reshape(-1)
 
 
-def reference_roi(logits: np.ndarray, image: Image.Image, adapter: ModelAdapter, options: RoIOptions) -> ReferenceRoI:
-    """Post-processes one RPN map on the CPU (scikit-image) and places the RoI view."""
+def reference_roi(logits: np.ndarray, image: Image.Image, adapter: ModelAdapter, options: RoIOptions,
+                  grid: tuple[int, int] | None = None, view_grid: tuple[int, int] | None = None) -> ReferenceRoI:
+    """Post-processes one RPN map on the CPU (scikit-image) and places the RoI view.
+
+    ``grid``: the map's token grid (default: the family's fixed one). ``view_grid``: the RoI view's
+    token grid, where it is known before the crop (fixed-size views, the default); otherwise
+    ``keep`` is left None, for :func:`reference_keep` once the view is encoded.
+    """
     from skimage.filters import gaussian
     from skimage.measure import label
 
-    grid = adapter.image_grid
-    prob = 1.0 / (1.0 + np.exp(-logits.reshape(grid).astype(np.float64)))
+    grid = tuple(grid or adapter.image_grid)
+    logits = logits.reshape(grid).astype(np.float64)
+    if options.edge_sink_above is not None and grid[0] * grid[1] > options.edge_sink_above:
+        logits[: grid[0] // 4, 0] = -np.inf  # the authors zero these probabilities
+        logits[0, : grid[1] // 4] = -np.inf
+    prob = 1.0 / (1.0 + np.exp(-logits))
     if options.blur:  # 3x3 Gaussian, sigma 1, mirrored edges
         prob = gaussian(prob, sigma=1.0, mode="mirror", truncate=1.0, preserve_range=True)
     mask = prob > options.threshold
     labels = label(mask, connectivity=2 if options.connectivity == 8 else 1)
     boxes, kept = _components(labels, prob, options)
     empty = np.zeros(grid, dtype=bool)
-    if options.strategy == "none" or not boxes:
+    chosen = mask if options.max_regions is None else np.isin(labels, kept)
+    whole_mask = options.strategy == "masked" and chosen.any()
+    if options.strategy == "none" or not (boxes or whole_mask):
         return ReferenceRoI(prob=prob, boxes=boxes, cells=empty, mode="none")
-    if options.strategy == "mask" and len(boxes) > 1:
+    if whole_mask or (options.strategy == "mask" and len(boxes) > 1):
         # The box around the whole mask (the chosen components' cells with max_regions).
-        mode, cells = "mask", mask if options.max_regions is None else np.isin(labels, kept)
+        mode, cells = "mask", chosen
         region = _enclosing(cells)
     else:
         mode = "box"
         region = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
         cells = empty.copy()
         cells[region[1]:region[3], region[0]:region[2]] = True
-    crop = _source_rectangle(region, image.size, adapter.geometry, grid)
-    keep = np.ones(grid[0] * grid[1], dtype=bool) if mode == "box" else _bilinear_keep(cells, region, grid)
-    return ReferenceRoI(prob=prob, boxes=boxes, cells=cells, mode=mode, region=region, crop=crop, keep=keep)
+    if adapter.roi_views_on_device:
+        crop = _source_rectangle(region, image.size, adapter.geometry, grid)
+        view_grid = view_grid or tuple(adapter.image_grid)
+    else:  # the family's own mapping of a grid box to source pixels
+        crop = tuple(_family_rectangle(adapter, region, grid, image))
+    roi = ReferenceRoI(prob=prob, boxes=boxes, cells=cells, mode=mode, region=region, crop=crop)
+    return reference_keep(roi, view_grid) if view_grid is not None else roi
 
 
-def _roi_view(image: Image.Image, crop, input_size) -> Image.Image:
-    """The crop stretched to the vision input with PIL's bilinear filter, as the authors make it."""
-    x0, y0, width, height = crop
-    rgb = Image.fromarray(to_rgb_array(image))
-    return rgb.crop((x0, y0, x0 + width, y0 + height)).resize((input_size[1], input_size[0]), Image.BILINEAR)
+def reference_keep(roi: ReferenceRoI, view_grid: tuple[int, int]) -> ReferenceRoI:
+    """``roi`` with the tokens of its view (of ``view_grid`` tokens) that enter stage 2."""
+    count = view_grid[0] * view_grid[1]
+    roi.view_grid = tuple(view_grid)
+    roi.keep = np.ones(count, dtype=bool) if roi.mode == "box" else _bilinear_keep(roi.cells, roi.region, view_grid)
+    return roi
+
+
+def _family_rectangle(adapter: ModelAdapter, region, grid, image: Image.Image) -> list[int]:
+    """The family's own source rectangle of a grid box (views the processor sizes)."""
+    from ..roi import SourceImages
+
+    sources = SourceImages.from_pil([image], adapter.geometry, "cpu")
+    return adapter.roi_source_rects(torch.tensor([region]), torch.tensor([grid]), sources)[0].tolist()
 
 
 def reference_generate(
@@ -159,7 +186,7 @@ def reference_generate(
     processor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    pixel_values: torch.Tensor,
+    pixel_values,
     images,
     options: RoIOptions,
     sampling: SamplingConfig,
@@ -174,34 +201,54 @@ def reference_generate(
     for sample in range(input_ids.shape[0]):
         real = attention_mask[sample].bool() if attention_mask is not None else slice(None)
         ids = input_ids[sample][real][None].to(adapter.device)
-        embedded = adapter.embed(ids, pixel_values[sample : sample + 1])
-        image_end = int(embedded.image_start[0]) + adapter.image_length
+        view = adapter.select_view(pixel_values, sample)
+        grid = adapter.view_grids(view)[0]
+        embedded = adapter.embed(ids, view)
+        image_end = int(embedded.image_start[0]) + grid[0] * grid[1]
 
         # Stage 1: layers 0..K-1, RPN on the last prompt token.
-        hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids)
-        logits = rpn(hidden, ids.shape[1] - 1, embedded.image_start)
-        if roi_logits is not None:
-            logits = roi_logits[sample].reshape(logits.shape)
-        roi = reference_roi(logits[0].float().cpu().numpy(), images[sample], adapter, options)
+        hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
+                                    rope_position_ids=embedded.rope_position_ids)
+        logits = rpn(hidden, ids.shape[1] - 1, embedded.image_start, rope_position_ids=embedded.rope_position_ids,
+                     image_lengths=torch.tensor([grid[0] * grid[1]]))
+        if roi_logits is not None:  # (B, H, W), a row's grid at its top left, or (B, H * W)
+            forced = roi_logits[sample]
+            logits = forced.reshape(grid) if forced.ndim == 1 else forced[: grid[0], : grid[1]]
+        roi = reference_roi(logits.float().cpu().numpy(), images[sample], adapter, options, grid)
         rois.append(roi)
 
         # Stage 2 from scratch, as a plain two-image call would do it: both views through the vision
-        # tower, [prefix | RoI tokens | question] through every layer.
-        views = pixel_values[sample : sample + 1]
+        # tower, [prefix | RoI block | question] through every layer, the RoI's dropped tokens
+        # removed after the model's own code placed every token (the authors' way).
+        features = adapter.encode_views(view)
+        grids, sequence_ids = [grid], ids
+        selected = torch.ones(ids.shape[1], dtype=torch.bool)
         if roi.mode != "none":
-            view = _roi_view(images[sample], roi.crop, adapter.geometry.input_size)
-            crop_view = image_processor(view, return_tensors="pt")["pixel_values"]
-            views = torch.cat([views, crop_view.to(device=views.device, dtype=views.dtype)])
-        features = adapter.encode_images(views)
-        embeds = adapter.embed(ids, image_features=features[:1]).inputs_embeds
-        parts = [embeds[:, :image_end]]
-        if roi.mode != "none":
-            parts.append(features[1:, torch.from_numpy(roi.keep).to(features.device)])
-        parts.append(embeds[:, image_end:])
-        sequence = torch.cat(parts, dim=1)
-        positions = torch.arange(sequence.shape[1], device=sequence.device)[None]
+            x0, y0, width, height = roi.crop
+            picture = Image.fromarray(to_rgb_array(images[sample])).crop((x0, y0, x0 + width, y0 + height))
+            roi_view = adapter.roi_vision_input([picture], image_processor)
+            roi_grid = adapter.view_grids(roi_view)[0]
+            reference_keep(roi, roi_grid)
+            features += adapter.encode_views(roi_view)
+            before, after = (torch.tensor(part, dtype=torch.long, device=ids.device) for part in adapter.roi_block_ids)
+            block = torch.full((roi_grid[0] * roi_grid[1],), adapter.image_token_id, device=ids.device)
+            sequence_ids = torch.cat([ids[0, :image_end], before, block, after, ids[0, image_end:]])[None]
+            grids.append(roi_grid)
+            keep = torch.from_numpy(roi.keep)
+            selected = torch.cat([selected[:image_end], torch.ones(len(before), dtype=torch.bool), keep,
+                                  torch.ones(len(after), dtype=torch.bool), selected[image_end:]])
+        embeds = adapter.embed_ids(sequence_ids)
+        is_image = (sequence_ids == adapter.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(is_image, torch.cat(features).to(embeds.dtype))
+        rope = adapter.sequence_rope_positions(sequence_ids, grids)
+        selected = selected.to(embeds.device)
+        sequence = embeds[:, selected]
+        rope = None if rope is None else rope[:, :, selected]
+        length = sequence.shape[1]
+        positions = torch.arange(length, device=sequence.device)[None]
         cache = adapter.new_cache()
-        hidden = adapter.run_layers(sequence, 0, adapter.num_layers, positions, None, cache)
+        hidden = adapter.run_layers(sequence, 0, adapter.num_layers, positions, None, cache, rope)
+        rope_delta = None if rope is None else (rope.amax() + 1 - length).reshape(1)
         decoded.append(decode(adapter, cache, adapter.logits(hidden[:, -1]), None,
-                              torch.tensor([sequence.shape[1]], device=sequence.device), sampling, keep_logits))
+                              torch.tensor([length], device=sequence.device), sampling, keep_logits, rope_delta))
     return decoded, rois

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.base import ModelAdapter
-from ..roi import RoIOptions, RoIProposal, propose
+from ..roi import RoIOptions, RoIProposal, propose_grids
 from ..rpn import RPN
 from .layout import PromptLayout
 
-__all__ = ["Stage1", "run_stage1", "rpn_proposal"]
+__all__ = ["Stage1", "run_stage1", "rpn_proposal", "forced_map"]
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Stage1:
         attention_mask: (B, E + Q) bool key mask, or None when the batch has no padding.
         cache: layers 0..K-1 hold the keys and values of all E + Q tokens.
         proposal: the RoI proposal.
+        grids: per row, the token grid ``(H, W)`` of its view (host).
+        rope_position_ids: (P, B, E + Q) rotary positions (multi-axis RoPE), else None.
+        rope_delta: (B,) rotary minus layer position of the text after the image, or None.
     """
 
     hidden: torch.Tensor
@@ -37,36 +40,59 @@ class Stage1:
     attention_mask: torch.Tensor | None
     cache: object
     proposal: RoIProposal
+    grids: list[tuple[int, int]]
+    rope_position_ids: torch.Tensor | None = None
+    rope_delta: torch.Tensor | None = None
 
 
 def rpn_proposal(rpn: RPN, hidden: torch.Tensor, image_start: torch.Tensor, attention_mask, position_ids,
-                 grid: tuple[int, int], options: RoIOptions, roi_logits: torch.Tensor | None = None) -> RoIProposal:
+                 grids: list[tuple[int, int]], options: RoIOptions, roi_logits: torch.Tensor | None = None,
+                 rope_position_ids: torch.Tensor | None = None,
+                 image_lengths: torch.Tensor | None = None) -> RoIProposal:
     """RPN logits of the last prompt token against the image tokens, then the RoI proposal.
 
+    ``grids``: each row's token grid; ``image_lengths`` (B,) its image tokens where the grids differ.
     ``roi_logits`` (B, H, W), when given, replaces the RPN's map after it ran (tests and benchmarks
-    force RoIs of known shape this way; the RPN's cost is still paid).
+    force RoIs of known shape this way; the RPN's cost is still paid); with grids of their own, row
+    ``i`` reads its top-left ``H_i x W_i`` cells.
     """
-    logits = rpn(hidden, hidden.shape[1] - 1, image_start, attention_mask, position_ids)
+    logits = rpn(hidden, hidden.shape[1] - 1, image_start, attention_mask, position_ids, rope_position_ids,
+                 image_lengths)
     if roi_logits is not None:
-        logits = roi_logits.to(device=logits.device, dtype=logits.dtype).reshape(logits.shape)
-    return propose(logits, grid, options)
+        logits = forced_map(roi_logits.to(device=logits.device, dtype=logits.dtype), grids, logits.shape)
+    return propose_grids(logits, grids, options)
 
 
-def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_values: torch.Tensor,
+def forced_map(maps: torch.Tensor, grids: list[tuple[int, int]], shape) -> torch.Tensor:
+    """(B, N) logits in the RPN's layout from (B, H, W) maps whose row ``i`` holds its grid top-left."""
+    if len(set(grids)) == 1:
+        return maps.reshape(shape)
+    flat = torch.full(shape, float("-inf"), dtype=maps.dtype, device=maps.device)
+    for index, (height, width) in enumerate(grids):
+        flat[index, : height * width] = maps[index, :height, :width].reshape(-1)
+    return flat
+
+
+def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_values,
                options: RoIOptions, roi_logits: torch.Tensor | None = None, proposal_fn=rpn_proposal) -> Stage1:
     """Early-exit prefill to layer K, then the RPN and the RoI proposal.
 
     Args:
         layout: the prompts, already on the device.
-        pixel_values: (B, 3, H, W) processor output for the original view.
+        pixel_values: the original views' vision input (the processor's output).
         proposal_fn: :func:`rpn_proposal` or a compiled version of it.
     """
+    grids = adapter.view_grids(pixel_values)
     embedded = adapter.embed(layout.input_ids, pixel_values, layout.attention_mask, validate=False)
     attention_mask = embedded.attention_mask if layout.padded else None
+    rope = embedded.rope_position_ids
     cache = adapter.new_cache()
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
-                                attention_mask, cache)
-    proposal = proposal_fn(rpn, hidden, embedded.image_start, attention_mask, embedded.position_ids,
-                           adapter.image_grid, options, roi_logits)
+                                attention_mask, cache, rope)
+    # Views of the family's fixed grid need no per-row counts (nor their host read in the RPN).
+    lengths = None if set(grids) == {tuple(adapter.image_grid)} else layout.image_lengths
+    proposal = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,
+                           grids, options, roi_logits, rope, lengths)
     return Stage1(hidden=hidden, inputs_embeds=embedded.inputs_embeds, position_ids=embedded.position_ids,
-                  attention_mask=attention_mask, cache=cache, proposal=proposal)
+                  attention_mask=attention_mask, cache=cache, proposal=proposal, grids=grids,
+                  rope_position_ids=rope, rope_delta=embedded.rope_delta)

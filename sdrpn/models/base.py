@@ -295,6 +295,70 @@ class ModelAdapter(abc.ABC):
 
         return AppendCache()
 
+    # -- views of their own size (the RoI view; Qwen's aspect-keeping views) -------------------------
+    #
+    # The engine inserts a second view after the first as [before ids | RoI tokens | after ids],
+    # then the question. The adapter says what frames a view, where its tokens sit on the rotary
+    # axes, how a grid box maps to source pixels and how a crop becomes a vision input.
+
+    # RoI post-processing that the family's released RPNs were made with (RoIOptions fields), and
+    # their RoI threshold.
+    roi_defaults: dict = {}
+    default_threshold: float = 0.15
+    # Whether RoI views have the family's fixed input size and are cut, resized and encoded on the
+    # device (sync-free stage 2); False where the processor encodes each crop at a size of its own.
+    roi_views_on_device: bool = True
+
+    @property
+    def roi_block_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token ids before and after the RoI view's tokens in stage 2 (none by default)."""
+        return (), ()
+
+    def view_grids(self, vision_input) -> list[tuple[int, int]]:
+        """Token grid ``(rows, cols)`` of each view in a vision input, on the host."""
+        return [tuple(self.image_grid)] * int(vision_input.shape[0])
+
+    def select_view(self, vision_input, index: int):
+        """The vision input of view ``index`` alone."""
+        return vision_input[index : index + 1]
+
+    def encode_views(self, vision_input) -> list[torch.Tensor]:
+        """Per view, its (tokens, hidden) features, in the language model's dtype."""
+        return list(self.encode_images(vision_input))
+
+    def image_rope_positions(self, base: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """(P, B, C) rotary positions of image tokens at grid ``(rows, cols)`` (B, C) of a view whose
+        tokens start at rotary position ``base`` (B,); None where image tokens take their layer
+        positions (1-D RoPE)."""
+        return None
+
+    def image_rope_advance(self, grids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(B,) how far a view of ``grids`` (B, 2) with ``kept`` (B,) tokens in the sequence moves the
+        rotary position of the text after it: its token count for 1-D RoPE."""
+        return kept
+
+    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor | None:
+        """(P, 1, S) rotary positions of a one-row sequence whose images have ``grids`` (in order),
+        computed by the model's own code; None for 1-D RoPE (the layer positions)."""
+        return None
+
+    def roi_source_rects(self, regions: torch.Tensor, grids: torch.Tensor, sources) -> torch.Tensor:
+        """(B, 4) int64 source-pixel rectangles ``[x0, y0, width, height]`` of (B, 4) grid boxes
+        ``[x0, y0, x1, y1)`` on views of ``grids`` (B, 2), for the images of ``sources``
+        (:class:`sdrpn.roi.SourceImages`)."""
+        from ..roi import grid_box_crops
+
+        return grid_box_crops(regions, sources, self.geometry, tuple(self.image_grid))
+
+    def roi_vision_input(self, crops, image_processor):
+        """The vision input of RoI views from cropped PIL images, the plain way (the processor).
+        Default: each crop stretched to the vision input with PIL's bilinear filter, then the processor."""
+        from PIL import Image
+
+        height, width = self.vision_input_size
+        views = [crop.resize((width, height), Image.BILINEAR) for crop in crops]
+        return image_processor(views, return_tensors="pt")["pixel_values"]
+
     # Names of the processor outputs that make up one view's vision input (LLaVA: pixel_values;
     # Qwen: pixel_values and image_grid_thw); generate() collects them from its keyword arguments.
     vision_input_names: tuple[str, ...] = ("pixel_values",)

@@ -121,6 +121,73 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
                 raise ValueError(f"prompt {row} must hold its image as {wanted} contiguous image tokens "
                                  f"(id {self.image_token_id}), found {count}; build prompts with the model's processor")
 
+    # -- views of their own size ---------------------------------------------------------------------
+
+    # The authors' Qwen2.5-VL inference: masked upscaling of the box around the whole mask,
+    # threshold 0.25, edge sinks of large maps zeroed (Qwen2.5-VL/qwen_src/mm_utils.py ~946-990,
+    # modeling_qwen2_5_vl.py ~1095).
+    roi_defaults = {"strategy": "masked", "edge_sink_above": 768}
+    default_threshold = 0.25
+    roi_views_on_device = False  # the processor sizes each crop by its own pixel budget
+
+    @property
+    def roi_block_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The RoI view is framed as its own ``<|vision_start|> ... <|vision_end|>`` block."""
+        return (self.vision_start_token_id,), (self.vision_end_token_id,)
+
+    def view_grids(self, vision_input) -> list[tuple[int, int]]:
+        grid = vision_input["image_grid_thw"]
+        return [(int(h) // self.merge_size, int(w) // self.merge_size) for _, h, w in grid.tolist()]
+
+    def select_view(self, vision_input, index: int):
+        grid = vision_input["image_grid_thw"]
+        patches = grid.prod(dim=-1).tolist()
+        start = sum(patches[:index])
+        return {"pixel_values": vision_input["pixel_values"][start : start + patches[index]],
+                "image_grid_thw": grid[index : index + 1]}
+
+    def encode_views(self, vision_input) -> list[torch.Tensor]:
+        return self.encode_images(vision_input)
+
+    def image_rope_positions(self, base: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """An image token at (row, col) sits at ``base + (0, row, col)`` (one temporal step)."""
+        base = base[:, None].expand_as(rows)
+        return torch.stack([base, base + rows, base + cols])
+
+    def image_rope_advance(self, grids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Text after a view continues from its start + max(rows, cols), whatever tokens were kept."""
+        return grids.amax(dim=1)
+
+    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        grid_thw = torch.tensor([[1, rows * self.merge_size, cols * self.merge_size] for rows, cols in grids],
+                                device=self.device)
+        rope, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(), image_grid_thw=grid_thw,
+            attention_mask=torch.ones_like(input_ids))
+        return rope
+
+    def roi_source_rects(self, regions: torch.Tensor, grids: torch.Tensor, sources) -> torch.Tensor:
+        """The authors' mapping (``get_bbox4src`` in ``Qwen2.5-VL/qwen_src/ana_utils.py`` ~1103-1154,
+        called with a view of ``cell`` pixels a token): cells to view pixels, then scaled by source
+        over view size, in float32, clamped to the image and truncated. Kept at least a pixel wide."""
+        sizes = sources.sizes.to(regions.device)
+        view = grids.to(regions.device).flip(1) * self.cell_size  # (B, 2) view width, height
+        scale = (sizes.double() / view.double()).float()  # a Python float ratio, used in float32
+        corners = regions.float() * float(self.cell_size)
+        xs = (corners[:, 0::2] * scale[:, :1]).clamp_min(0.0)
+        ys = (corners[:, 1::2] * scale[:, 1:]).clamp_min(0.0)
+        xs = torch.minimum(xs, sizes[:, :1].float()).long()
+        ys = torch.minimum(ys, sizes[:, 1:].float()).long()
+        x0, y0 = torch.minimum(xs[:, 0], sizes[:, 0] - 1), torch.minimum(ys[:, 0], sizes[:, 1] - 1)
+        x1, y1 = torch.maximum(xs[:, 1], x0 + 1), torch.maximum(ys[:, 1], y0 + 1)
+        return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1)
+
+    def roi_vision_input(self, crops, image_processor):
+        """The crops as the processor encodes any image, at its own min/max pixels (the authors
+        encode the RoI this way, ``mm_utils.py`` ~973-978)."""
+        return dict(image_processor(images=list(crops), return_tensors="pt"))
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         if position_ids.ndim == 2:  # text only: the same position on every axis
             position_ids = position_ids[None].expand(3, *position_ids.shape)

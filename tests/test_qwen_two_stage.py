@@ -1,0 +1,93 @@
+"""Two-stage SD-RPN on a tiny random Qwen2.5-VL: the fast path (KV reuse, RoI block with its own
+3-D positions, views of different grids in one batch) equals the plain reference (each sample
+alone, both views placed by the model's own ``get_rope_index``, every layer re-run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny_qwen import image_processor, qwen_images, qwen_inputs, tiny_qwen2_5_vl
+from sdrpn import RPN, SDRPN
+from sdrpn.roi import MODE_MASK, MODE_NONE, forced_logits
+
+SIZES = [(400, 300), (200, 560), (330, 330)]  # grids 11 x 14, 20 x 7, 12 x 12
+MAX_TOKENS = 256
+TEXTS = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14]), ([15, 16], [17, 18, 19, 20, 21, 22])]
+# Per row, grid boxes on its own view: two blobs (masked upscaling keeps the mask's cells only), one
+# blob, none.
+BOXES = [[(1, 1, 4, 4), (9, 6, 12, 9)], [(2, 5, 5, 12)], []]
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen2_5_vl()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return SDRPN(model, RPN.from_model(model, 2, 2), processor=image_processor(MAX_TOKENS))
+
+
+def forced_maps(inputs, boxes, threshold=0.25):
+    """(B, H, W) logits padded to the largest grid, row i's boxes on its own grid."""
+    grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()
+    height, width = max(g[0] for g in grids), max(g[1] for g in grids)
+    maps = torch.full((len(grids), height, width), -20.0)
+    for row, (grid, row_boxes) in enumerate(zip(grids, boxes)):
+        maps[row, : grid[0], : grid[1]] = forced_logits([row_boxes], tuple(grid), threshold)[0]
+    return maps
+
+
+def generate(engine, rows, method, strategy=None):
+    images = qwen_images(SIZES)[rows]
+    inputs = qwen_inputs(images, TEXTS[rows], MAX_TOKENS)
+    return engine.generate(**inputs, images=images, method=method, roi_logits=forced_maps(inputs, BOXES[rows]),
+                           max_new_tokens=NEW_TOKENS, output_logits=True, return_roi=True, strategy=strategy)
+
+
+def assert_same_logits(ours, theirs, rows=None):
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("rows", [slice(0, 3), slice(0, 1), slice(1, 2)], ids=["batch3", "two-blobs", "one-blob"])
+def test_fast_path_equals_the_reference(engine, rows):
+    fast = generate(engine, rows, "sdrpn")
+    reference = generate(engine, rows, "sdrpn-reference")
+    assert torch.equal(fast.visual_tokens.cpu(), reference.visual_tokens)
+    assert_same_logits(fast.logits, reference.logits)
+    assert torch.equal(fast.sequences, reference.sequences)
+
+
+def test_the_default_rule_is_the_authors_masked_upscaling(engine):
+    result = generate(engine, slice(0, 3), "sdrpn")
+    assert result.roi.mode.tolist() == [MODE_MASK, MODE_MASK, MODE_NONE]
+    # Row 0's two blobs: the RoI view keeps fewer tokens than its grid holds.
+    reference = generate(engine, slice(0, 1), "sdrpn-reference").roi[0]
+    assert 0 < reference.keep.sum() < reference.keep.size
+    assert engine.options.threshold == 0.25 and engine.options.edge_sink_above == 768
+
+
+def test_without_a_roi_the_fast_path_equals_the_reference(engine):
+    fast = generate(engine, slice(0, 3), "sdrpn", strategy="none")
+    reference = generate(engine, slice(0, 3), "sdrpn-reference", strategy="none")
+    assert_same_logits(fast.logits, reference.logits)
+    baseline = generate(engine, slice(0, 3), "baseline")
+    assert torch.equal(fast.sequences, baseline.sequences)
+
+
+def test_a_batch_equals_each_row_alone(engine):
+    together = generate(engine, slice(0, 3), "sdrpn")
+    for row in range(3):
+        alone = generate(engine, slice(row, row + 1), "sdrpn")
+        assert int(together.visual_tokens[row]) == int(alone.visual_tokens[0])
+        for step, (a, b) in enumerate(zip(together.logits, alone.logits)):
+            torch.testing.assert_close(a[row], b[0], rtol=1e-4, atol=1e-5, msg=f"row {row}, step {step}")
+
+
+def test_sync_free_is_refused_with_the_reason(model):
+    with pytest.raises(ValueError, match="sync_free=False"):
+        SDRPN(model, RPN.from_model(model, 2, 2), processor=image_processor(), sync_free=True)
