@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .base import LanguageModelAdapter, ModelInputs, default_position_ids
+from .qwen_geometry import QwenViewGeometry
 
 __all__ = ["Qwen2_5_VLAdapter"]
 
@@ -47,6 +48,7 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         self.image_grid = (24, 24)
         self.vision_input_size = (self.image_grid[0] * self.cell_size, self.image_grid[1] * self.cell_size)
         self.geometry = None
+        self.view_geometry = QwenViewGeometry(cell=self.cell_size)  # the processor's aspect-keeping views
 
     @staticmethod
     def set_processor_geometry(processor, mode: str) -> bool:
@@ -168,19 +170,13 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         return rope
 
     def roi_source_rects(self, regions: torch.Tensor, grids: torch.Tensor, sources) -> torch.Tensor:
-        """The authors' mapping (``get_bbox4src`` in ``Qwen2.5-VL/qwen_src/ana_utils.py`` ~1103-1154,
-        called with a view of ``cell`` pixels a token): cells to view pixels, then scaled by source
-        over view size, in float32, clamped to the image and truncated. Kept at least a pixel wide."""
+        """The authors' mapping of a grid box to the source pixels their crop receives (float32,
+        clamped, truncated; :meth:`~sdrpn.models.qwen_geometry.QwenViewGeometry.grid_boxes_to_source`),
+        kept at least a pixel wide where theirs would be empty."""
         sizes = sources.sizes.to(regions.device)
-        view = grids.to(regions.device).flip(1) * self.cell_size  # (B, 2) view width, height
-        scale = (sizes.double() / view.double()).float()  # a Python float ratio, used in float32
-        corners = regions.float() * float(self.cell_size)
-        xs = (corners[:, 0::2] * scale[:, :1]).clamp_min(0.0)
-        ys = (corners[:, 1::2] * scale[:, 1:]).clamp_min(0.0)
-        xs = torch.minimum(xs, sizes[:, :1].float()).long()
-        ys = torch.minimum(ys, sizes[:, 1:].float()).long()
-        x0, y0 = torch.minimum(xs[:, 0], sizes[:, 0] - 1), torch.minimum(ys[:, 0], sizes[:, 1] - 1)
-        x1, y1 = torch.maximum(xs[:, 1], x0 + 1), torch.maximum(ys[:, 1], y0 + 1)
+        boxes = self.view_geometry.grid_boxes_to_source(regions, sizes, grids.to(regions.device), validate=False)
+        x0, y0 = torch.minimum(boxes[:, 0], sizes[:, 0] - 1), torch.minimum(boxes[:, 1], sizes[:, 1] - 1)
+        x1, y1 = torch.maximum(boxes[:, 2], x0 + 1), torch.maximum(boxes[:, 3], y0 + 1)
         return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1)
 
     def roi_vision_input(self, crops, image_processor):
