@@ -37,7 +37,7 @@ SUBCOMMANDS = {
     "eval": "Evaluate methods on a benchmark: metric, samples/s, visual tokens; plot the trade-off.",
     "bench": "Run the speed benchmarks (kernels, end-to-end generation, distillation).",
     "testbed": "Generate the synthetic fine-grained VQA testbed and train its tiny LLaVA.",
-    "convert": "Convert the SD-RPN authors' released LLaVA-1.5 RPN into an RPN directory for a llava-hf model.",
+    "convert": "Convert an RPN released by the SD-RPN authors (LLaVA-1.5, Qwen2.5-VL) into an RPN directory for its model.",
     "import-labels": "Turn the SD-RPN authors' pseudo-label pickle into label shards for sdrpn train.",
 }
 

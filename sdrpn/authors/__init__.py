@@ -1,7 +1,9 @@
-"""Readers for the SD-RPN authors' released artefacts (YuHengsss/SD-RPN, commit 00876ac, LLaVA-1.5).
+"""Readers for the SD-RPN authors' released artefacts (YuHengsss/SD-RPN, commit 00876ac, LLaVA-1.5
+and Qwen2.5-VL).
 
-* :mod:`.checkpoint`: their LLaVA checkpoint holding the RPN (config and selected tensors);
-* :mod:`.rpn_conversion`: that RPN as an :class:`sdrpn.rpn.RPN` of a llava-hf model (``sdrpn convert``);
+* :mod:`.checkpoint`: their checkpoints holding the RPN (config and selected tensors), one layout per release;
+* :mod:`.rpn_conversion`: that RPN as an :class:`sdrpn.rpn.RPN` of the model it was trained on
+  (``sdrpn convert``);
 * :mod:`.safe_pickle`: a pickle reader that admits only plain data and numpy arrays;
 * :mod:`.label_import`: their pseudo-label pickle as label shards (``sdrpn import-labels``).
 
