@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -44,7 +44,37 @@ RECOMMENDED_SAMPLES = 32
 PRESETS = {
     # Released setting of the SD-RPN authors for LLaVA-1.5-7B.
     "llava-1.5-7b": "14:13,24,26",
+    # LLaVA-1.5-13B (LLaVA/llava/eval/model_vqa_label.py:145).
+    "llava-1.5-13b": "13:21,23,26;15:2;16:2,21,30",
+    # Qwen2.5-VL, by model size and image kind: text images (OCR-VQA) from
+    # Qwen2.5-VL/make_pseudo_label_textual.py:91-96, natural images (GQA) from
+    # Qwen2.5-VL/make_pseudo_label_natural.py:93-99. Their sink detectors: sinks.SINK_PRESETS.
+    "qwen2.5-vl-7b-text": "22:1,4;23:6,11",
+    "qwen2.5-vl-7b-natural": "16:1,7,17;19:17,20",
+    "qwen2.5-vl-3b-text": "20:1,4;22:14",
+    "qwen2.5-vl-3b-natural": "21:9,11;22:0,7",
 }
+
+
+class RPNDepth(NamedTuple):
+    """Where the RPN sits in a model: it reads the input of layer ``start_layer`` (K) and spans
+    ``num_blocks`` (T) layers (the :class:`sdrpn.rpn.RPN` arguments of the same names)."""
+
+    start_layer: int
+    num_blocks: int
+
+
+RPN_DEPTH_PRESETS = {
+    # LLaVA/scripts/finetune_rois.sh:49-50 and finetune_rois_13b.sh:49-50.
+    "llava-1.5-7b": RPNDepth(15, 3),
+    "llava-1.5-13b": RPNDepth(15, 3),
+    # Qwen2.5-VL/qwen-vl-finetune/scripts/A6000/finetune_roi_fix_res_7b.sh:18-19 (twig_K, twig_T).
+    "qwen2.5-vl-7b": RPNDepth(16, 3),
+    # Qwen2.5-VL/qwen-vl-finetune/scripts/A6000/finetune_roi_fix_res.sh:18-19.
+    "qwen2.5-vl-3b": RPNDepth(21, 3),
+}
+"""The authors' K and T per model."""
+
 SELECTION_FORMAT = "sdrpn-heads/1"
 
 

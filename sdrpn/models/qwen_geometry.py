@@ -45,6 +45,7 @@ from .geometry import ViewTransform
 
 __all__ = [
     "QwenViewGeometry",
+    "square_padding_cells",
     "smart_resize",
     "vl_utils_smart_resize",
     "AUTHORS_PAD_COLOR",
@@ -286,9 +287,9 @@ class QwenViewGeometry:
         """
         width, height = self._source(source_size)
         rows, cols = self.grid((width, height))
-        padding = torch.zeros(rows, cols, dtype=torch.bool)
-        if self.square_side is None or width == height:
-            return padding
+        if self.square_side is None:
+            return torch.zeros(rows, cols, dtype=torch.bool)
+        return square_padding_cells((width, height), rows)  # a square canvas makes a square grid
         longest = max(width, height)
         # Their float expression, truncated: the cells the short axis keeps.
         kept_rows = max(int(height / longest * rows), 1)
@@ -434,3 +435,34 @@ def _as_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int, got {value!r}")
     return int(value)
+
+
+def square_padding_cells(image_size: tuple[int, int], side: int) -> torch.Tensor:
+    """``(side, side)`` bool, True on the cells of a pad-to-square view that the authors' Qwen2.5-VL
+    labels treat as padding (``get_foreground_mask``, ``Qwen2.5-VL/qwen_src/mm_utils.py:258-326``,
+    called with the grid side at 365).
+
+    ``image_size`` is the source image's ``(width, height)`` before padding. The long side fills the
+    grid; the short side covers ``n = max(1, int(short / long * side))`` cells (truncated), from cell
+    ``(side - n) // 2`` up to, not including, cell ``n + ceil((side - n) / 2)``: when ``side - n`` is
+    odd the image gets ``n + 1`` cells, the extra one on the far side. Cells outside that band are
+    padding. A square image has none.
+    """
+    width, height = (int(size) for size in image_size)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {tuple(image_size)}")
+    if side < 1:
+        raise ValueError(f"side must be >= 1, got {side}")
+    longest = max(width, height)
+    rows = max(int(height / longest * side), 1)
+    cols = max(int(width / longest * side), 1)
+    image = torch.zeros(side, side, dtype=torch.bool)
+    if cols > rows:      # wider than tall: padding bands above and below
+        start = (side - rows) // 2
+        image[start:min(rows + math.ceil((side - rows) / 2), side), :cols] = True
+    elif rows > cols:    # taller than wide: padding bands left and right
+        start = (side - cols) // 2
+        image[:rows, start:min(cols + math.ceil((side - cols) / 2), side)] = True
+    else:
+        image[:, :] = True
+    return ~image
