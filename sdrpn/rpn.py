@@ -136,6 +136,9 @@ class RPN(nn.Module):
         self.head_norm = copy.deepcopy(head_layer.input_layernorm)
         self.q_proj = copy.deepcopy(head_layer.self_attn.q_proj)
         self.k_proj = copy.deepcopy(head_layer.self_attn.k_proj)
+        # Per-head q/k norms before RoPE where the layer has them (Qwen3); None otherwise.
+        self.q_norm = copy.deepcopy(getattr(head_layer.self_attn, "q_norm", None))
+        self.k_norm = copy.deepcopy(getattr(head_layer.self_attn, "k_norm", None))
         self.rotary_emb = copy.deepcopy(adapter.rotary_emb)
         self._attention_config = adapter.text_config
 
@@ -254,6 +257,8 @@ class RPN(nn.Module):
         query = hidden[rows, query_index][:, None]  # (B, 1, D)
         keys = hidden[rows[:, None], image_positions]  # (B, N, D)
         q, k = self.q_proj(query), self.k_proj(keys)
+        if self.q_norm is not None:
+            q, k = _per_head(self.q_norm, q, self.head_dim), _per_head(self.k_norm, k, self.head_dim)
         if self.use_rope:  # the rotations of each token's own position, as its layer would apply them
             cos, sin = rotary
             q = _rotated(q, cos[rows, query_index][:, None], sin[rows, query_index][:, None], self.head_dim)
@@ -373,6 +378,11 @@ class RPN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"K={self.start_layer}, T={self.num_blocks}, threshold={self.threshold}"
+
+
+def _per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A norm over each head of (B, N, heads * head_dim) projections."""
+    return norm(x.view(*x.shape[:2], -1, head_dim)).flatten(2)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ def baseline_method(engine, request: GenerationRequest) -> MethodResult:
     attention_mask = embedded.attention_mask if padded else None
     cache = adapter.new_cache()
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, adapter.num_layers, embedded.position_ids,
-                                attention_mask, cache, embedded.rope_position_ids)
+                                attention_mask, cache, embedded.rope_position_ids, embedded.layer_additions)
     next_position = embedded.attention_mask.sum(dim=1)
     decoded = decode(adapter, cache, adapter.logits(hidden[:, -1]), attention_mask, next_position,
                      request.sampling, request.keep_logits, embedded.rope_delta)

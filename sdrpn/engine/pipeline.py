@@ -96,6 +96,11 @@ class SDRPN:
         self.model = self.adapter.model
         self.processor = processor
         self.rpn = rpn if isinstance(rpn, RPN) else RPN.from_pretrained(rpn, self.adapter)
+        injected = self.adapter.injection_layers
+        if injected and self.rpn.start_layer <= max(injected):
+            raise ValueError(f"the RPN reads layer K={self.rpn.start_layer}, but {self.adapter.family} adds image "
+                             f"features after layers {list(injected)}: stage 2 can reuse the cache only from "
+                             f"K >= {max(injected) + 1}")
         self.prompt_template = self.rpn.prompt_template if prompt is None else template_named(prompt)
         base = roi_options or RoIOptions(**self.adapter.roi_defaults)
         self.options = RoIOptions(**{**base.__dict__, "strategy": strategy or base.strategy,

@@ -208,7 +208,7 @@ def reference_generate(
 
         # Stage 1: layers 0..K-1, RPN on the last prompt token.
         hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
-                                    rope_position_ids=embedded.rope_position_ids)
+                                    rope_position_ids=embedded.rope_position_ids, additions=embedded.layer_additions)
         logits = rpn(hidden, ids.shape[1] - 1, embedded.image_start, rope_position_ids=embedded.rope_position_ids,
                      image_lengths=torch.tensor([grid[0] * grid[1]]))
         if roi_logits is not None:  # (B, H, W), a row's grid at its top left, or (B, H * W)
@@ -220,7 +220,7 @@ def reference_generate(
         # Stage 2 from scratch, as a plain two-image call would do it: both views through the vision
         # tower, [prefix | RoI block | question] through every layer, the RoI's dropped tokens
         # removed after the model's own code placed every token (the authors' way).
-        features = adapter.encode_views(view)
+        features, injected = adapter.encode_views_full(view)
         grids, sequence_ids = [grid], ids
         selected = torch.ones(ids.shape[1], dtype=torch.bool)
         if roi.mode != "none":
@@ -229,7 +229,9 @@ def reference_generate(
             roi_view = adapter.roi_vision_input([picture], image_processor)
             roi_grid = adapter.view_grids(roi_view)[0]
             reference_keep(roi, roi_grid)
-            features += adapter.encode_views(roi_view)
+            roi_features, roi_injected = adapter.encode_views_full(roi_view)
+            features = features + roi_features
+            injected = {layer: views + roi_injected[layer] for layer, views in injected.items()}
             before, after = (torch.tensor(part, dtype=torch.long, device=ids.device) for part in adapter.roi_block_ids)
             block = torch.full((roi_grid[0] * roi_grid[1],), adapter.image_token_id, device=ids.device)
             sequence_ids = torch.cat([ids[0, :image_end], before, block, after, ids[0, image_end:]])[None]
@@ -240,14 +242,18 @@ def reference_generate(
         embeds = adapter.embed_ids(sequence_ids)
         is_image = (sequence_ids == adapter.image_token_id)[..., None]
         embeds = embeds.masked_scatter(is_image, torch.cat(features).to(embeds.dtype))
+        # Injected features at every image token of both views, zeros elsewhere.
+        additions = {layer: torch.zeros_like(embeds).masked_scatter(is_image, torch.cat(views).to(embeds.dtype))
+                     for layer, views in injected.items()}
         rope = adapter.sequence_rope_positions(sequence_ids, grids)
         selected = selected.to(embeds.device)
         sequence = embeds[:, selected]
+        additions = {layer: values[:, selected] for layer, values in additions.items()}
         rope = None if rope is None else rope[:, :, selected]
         length = sequence.shape[1]
         positions = torch.arange(length, device=sequence.device)[None]
         cache = adapter.new_cache()
-        hidden = adapter.run_layers(sequence, 0, adapter.num_layers, positions, None, cache, rope)
+        hidden = adapter.run_layers(sequence, 0, adapter.num_layers, positions, None, cache, rope, additions)
         rope_delta = None if rope is None else (rope.amax() + 1 - length).reshape(1)
         decoded.append(decode(adapter, cache, adapter.logits(hidden[:, -1]), None,
                               torch.tensor([length], device=sequence.device), sampling, keep_logits, rope_delta))

@@ -88,7 +88,7 @@ def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_valu
     rope = embedded.rope_position_ids
     cache = adapter.new_cache()
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
-                                attention_mask, cache, rope)
+                                attention_mask, cache, rope, embedded.layer_additions)
     # Views of the family's fixed grid need no per-row counts (nor their host read in the RPN).
     lengths = None if set(grids) == {tuple(adapter.image_grid)} else layout.image_lengths
     proposal = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,

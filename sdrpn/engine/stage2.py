@@ -71,6 +71,8 @@ class RoITokens:
         grids: (B, 2) int64 token grid ``(H, W)`` of each RoI view ((0, 0) without one).
         cells: (B, C, 2) int64 ``(row, col)`` of each packed token on its view's grid, where the
             family places image tokens on rotary axes of their own; else None.
+        additions: injection layer -> (B, C, hidden) features added to the packed tokens after that
+            layer (Qwen3-VL's deepstack), packed like ``embeds``; None for families without.
     """
 
     embeds: torch.Tensor
@@ -79,6 +81,7 @@ class RoITokens:
     keep: torch.Tensor
     grids: torch.Tensor
     cells: torch.Tensor | None = None
+    additions: dict[int, torch.Tensor] | None = None
 
 
 def roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImages, sync_free: bool = True,
@@ -114,23 +117,29 @@ def _host_roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImage
     crops = adapter.roi_source_rects(proposal.region, torch.tensor(stage1.grids, device=device), sources)
     crops = torch.where((proposal.mode > MODE_NONE)[:, None], crops.to(device), 0)
     view_grids = [(0, 0)] * batch
-    features = [None] * batch
+    features, injected = [], {}
     if rows:
         pictures = [sources.images[row].crop((x0, y0, x0 + w, y0 + h))
                     for row, (x0, y0, w, h) in zip(rows, crops[rows].tolist())]
         vision = adapter.roi_vision_input(pictures, image_processor)
-        for row, grid, feature in zip(rows, adapter.view_grids(vision), adapter.encode_views(vision)):
-            view_grids[row], features[row] = grid, feature
+        features, injected = adapter.encode_views_full(vision)
+        for row, grid in zip(rows, adapter.view_grids(vision)):
+            view_grids[row] = grid
     keep = roi_token_keep_grids(proposal, view_grids)
-    width = keep.shape[1]
-    padded = torch.zeros(batch, width, adapter.hidden_size, dtype=adapter.dtype, device=device)
-    for row in rows:
-        padded[row, : features[row].shape[0]] = features[row]
-    capacity = int(keep.sum(dim=1).max()) if width else 0
-    embeds, lengths = ops.pack_tokens_padded(padded, keep, capacity)
+    capacity = int(keep.sum(dim=1).max()) if keep.shape[1] else 0
+
+    def packed(per_view):  # the rows' views padded to (B, N, hidden), then their kept tokens packed
+        padded = torch.zeros(batch, keep.shape[1], adapter.hidden_size, dtype=adapter.dtype, device=device)
+        for row, feature in zip(rows, per_view):
+            padded[row, : feature.shape[0]] = feature
+        return ops.pack_tokens_padded(padded, keep, capacity)
+
+    embeds, lengths = packed(features)
+    additions = {layer: packed(per_view)[0] for layer, per_view in injected.items()} or None
     grids = torch.tensor(view_grids, dtype=torch.long, device=device)
     cells = _packed_cells(keep, grids, capacity) if stage1.rope_position_ids is not None else None
-    return RoITokens(embeds=embeds, lengths=lengths, crops=crops, keep=keep, grids=grids, cells=cells)
+    return RoITokens(embeds=embeds, lengths=lengths, crops=crops, keep=keep, grids=grids, cells=cells,
+                     additions=additions)
 
 
 def _packed_cells(keep: torch.Tensor, grids: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -191,7 +200,15 @@ def run_stage2(adapter: ModelAdapter, stage1: Stage1, layout: PromptLayout, roi:
     dtype = stage1.inputs_embeds.dtype
     parts = [_wrapper_embeds(adapter, before_ids, batch, dtype), roi.embeds.to(dtype),
              _wrapper_embeds(adapter, after_ids, batch, dtype), stage1.inputs_embeds[:, prefix:]]
-    new = adapter.run_layers(torch.cat(parts, dim=1), 0, start_layer, new_positions, attention_mask, cache, new_rope)
+    additions = None
+    if roi.additions:  # injected features on the RoI tokens only
+        def around(values):
+            return torch.cat([parts[0].new_zeros(parts[0].shape), values.to(dtype),
+                              parts[2].new_zeros(parts[2].shape), parts[3].new_zeros(parts[3].shape)], dim=1)
+
+        additions = {layer: around(values) for layer, values in roi.additions.items()}
+    new = adapter.run_layers(torch.cat(parts, dim=1), 0, start_layer, new_positions, attention_mask, cache, new_rope,
+                             additions)
 
     # 3. Layers K..L-1 over the whole sequence.
     hidden = torch.cat([stage1.hidden[:, :prefix], new], dim=1)

@@ -17,6 +17,9 @@ Conventions shared by every method:
   covering the cached keys followed by the new tokens. Attention is causal by index: a new token at
   index ``past + i`` sees the valid keys at indices ``<= past + i``. Padding may sit anywhere
   (left of the prompt or in the middle of it); ``None`` means every key is a real token.
+* ``additions`` (``layer_additions``) map a layer index to a (B, S, hidden) tensor added to the
+  states leaving that layer: features a family injects inside early layers (Qwen3-VL's deepstack
+  visual features at the image positions, zeros elsewhere).
 * ``cache`` is a ``transformers.Cache`` (the adapter creates it with :meth:`ModelAdapter.new_cache`);
   layers append their keys and values to it through the public ``Cache.update``; a ``DynamicCache``
   works too.
@@ -65,6 +68,8 @@ class ModelInputs:
         rope_delta: (B,) int64 rotary minus layer position of the tokens after the image (zeros for
             1-D RoPE).
         image_lengths: (B,) int64 image tokens of each sample.
+        layer_additions: layer index -> (B, S, hidden) added to the states leaving that layer
+            (features injected inside early layers), or None.
     """
 
     inputs_embeds: torch.Tensor
@@ -75,6 +80,7 @@ class ModelInputs:
     rope_position_ids: torch.Tensor | None = None
     rope_delta: torch.Tensor | None = None
     image_lengths: torch.Tensor | None = None
+    layer_additions: dict[int, torch.Tensor] | None = None
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -153,9 +159,11 @@ def run_decoder_layers(
     layer_mask,
     position_ids: torch.Tensor,
     cache=None,
+    additions: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Runs decoder layers in order with the transformers decoder-layer call signature."""
-    for layer in layers:
+    """Runs decoder layers in order with the transformers decoder-layer call signature; ``additions``
+    are keyed by the index within ``layers``."""
+    for index, layer in enumerate(layers):
         output = layer(
             hidden,
             attention_mask=layer_mask,
@@ -165,6 +173,8 @@ def run_decoder_layers(
             position_embeddings=position_embeddings,
         )
         hidden = output[0] if isinstance(output, tuple) else output
+        if additions and index in additions:
+            hidden = hidden + additions[index].to(hidden.dtype)
     return hidden
 
 
@@ -326,6 +336,15 @@ class ModelAdapter(abc.ABC):
         """Per view, its (tokens, hidden) features, in the language model's dtype."""
         return list(self.encode_images(vision_input))
 
+    # Layers after which the family adds features of the image tokens (see ``additions``); an early
+    # exit and the KV reuse need K beyond them.
+    injection_layers: tuple[int, ...] = ()
+
+    def encode_views_full(self, vision_input) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]]]:
+        """:meth:`encode_views` plus, per injection layer, each view's (tokens, hidden) features added
+        to its tokens after that layer (none by default)."""
+        return self.encode_views(vision_input), {}
+
     def image_rope_positions(self, base: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
         """(P, B, C) rotary positions of image tokens at grid ``(rows, cols)`` (B, C) of a view whose
         tokens start at rotary position ``base`` (B,); None where image tokens take their layer
@@ -384,6 +403,7 @@ class ModelAdapter(abc.ABC):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         rope_position_ids: torch.Tensor | None = None,
+        additions: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Runs decoder layers ``[start, end)`` with the model's attention and rotary embeddings.
 
@@ -394,6 +414,8 @@ class ModelAdapter(abc.ABC):
             attention_mask: (B, past + S) bool key mask (see the module docstring), or None.
             cache: a cache from :meth:`new_cache`; the layers append to it. All layers in the range
                 must hold the same number of cached tokens (``past``).
+            additions: model layer index -> (B, S, hidden) added to the states leaving that layer
+                (see the module docstring); layers outside the range are ignored.
 
         Returns:
             (B, S, hidden) states leaving layer ``end - 1``.
@@ -408,7 +430,9 @@ class ModelAdapter(abc.ABC):
             hidden.dtype, hidden.device,
         )
         position_embeddings = self.rotary(hidden, position_ids if rope_position_ids is None else rope_position_ids)
-        return run_decoder_layers(self.layers[start:end], hidden, position_embeddings, layer_mask, position_ids, cache)
+        local = {index - start: value for index, value in (additions or {}).items() if start <= index < end}
+        return run_decoder_layers(self.layers[start:end], hidden, position_embeddings, layer_mask, position_ids, cache,
+                                  local)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of hidden states leaving the last layer (final norm + LM head)."""
@@ -493,11 +517,14 @@ class LanguageModelAdapter(ModelAdapter):
 
 
 def project_qk(attention: nn.Module, normed: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, heads, S, head_dim) queries and (B, kv_heads, S, head_dim) keys of an attention module."""
+    """(B, heads, S, head_dim) queries and (B, kv_heads, S, head_dim) keys of an attention module,
+    through its per-head q/k norms where it has them."""
     batch, length = normed.shape[:2]
-    q = attention.q_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    return q, k
+    q = attention.q_proj(normed).view(batch, length, -1, head_dim)
+    k = attention.k_proj(normed).view(batch, length, -1, head_dim)
+    if getattr(attention, "q_norm", None) is not None:  # per-head norms before RoPE (Qwen3)
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
