@@ -94,6 +94,11 @@ class RoIOptions:
             and the first ``W // 4`` cells of row 0 set to probability 0 before the blur, where
             large Qwen2.5-VL maps hold attention sinks their RPN never saw in training (the authors'
             rule, ``Qwen2.5-VL/qwen_src/mm_utils.py`` ~956-960, 768 cells); None never does.
+        prune_above, prune_threshold: a sample whose original view has more tokens than
+            ``prune_above`` and that gets a RoI drops, in stage 2, the original tokens that no
+            question token scores above ``prune_threshold`` (sigmoid of the RPN head's best score
+            from a question token): the authors' Qwen2.5-VL rule above 1024 tokens
+            (``modeling_qwen2_5_vl.py`` ~1338-1376). None never prunes.
     """
 
     strategy: str = "mask"
@@ -107,6 +112,8 @@ class RoIOptions:
     max_components: int = 16
     max_regions: int | None = None
     edge_sink_above: int | None = None
+    prune_above: int | None = None
+    prune_threshold: float = 0.01
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -199,7 +199,8 @@ class RPN(nn.Module):
         position_ids: torch.Tensor | None = None,
         rope_position_ids: torch.Tensor | None = None,
         image_lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        question_start: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RoI logits of the image tokens.
 
         Args:
@@ -215,9 +216,13 @@ class RPN(nn.Module):
             image_lengths: (B,) image tokens of each sample, when they differ (views of their own
                 grid) and ``image_positions`` is the (B,) first index: N is then the largest, and a
                 sample's logits beyond its own count are -inf.
+            question_start: where the question's tokens start (the same index in every row); given,
+                the scores of every real token from there on against the image tokens are returned too.
 
         Returns:
-            (B, N) float32 logits, differentiable in training.
+            (B, N) float32 logits, differentiable in training; with ``question_start``, also (B, N)
+            each image token's highest score from a question token (the authors' Qwen2.5-VL pruning
+            score, ``modeling_qwen2_5_vl.py`` ~1338-1347).
         """
         if hidden.ndim != 3 or hidden.shape[-1] != self.q_proj.in_features:
             raise ValueError(f"hidden must be (B, S, {self.q_proj.in_features}), got {tuple(hidden.shape)}")
@@ -253,22 +258,42 @@ class RPN(nn.Module):
             )
             hidden = run_decoder_layers(self.blocks, hidden, rotary, layer_mask, position_ids)
         hidden = self.head_norm(self.norm(hidden))
-        rows = torch.arange(batch, device=device)
-        query = hidden[rows, query_index][:, None]  # (B, 1, D)
-        keys = hidden[rows[:, None], image_positions]  # (B, N, D)
-        q, k = self.q_proj(query), self.k_proj(keys)
-        if self.q_norm is not None:
-            q, k = _per_head(self.q_norm, q, self.head_dim), _per_head(self.k_norm, k, self.head_dim)
-        if self.use_rope:  # the rotations of each token's own position, as its layer would apply them
-            cos, sin = rotary
-            q = _rotated(q, cos[rows, query_index][:, None], sin[rows, query_index][:, None], self.head_dim)
-            picked = (rows[:, None], image_positions)
-            k = _rotated(k, cos[picked], sin[picked], self.head_dim)
+        q = self._project(self.q_proj, self.q_norm, hidden, query_index[:, None], rotary)  # (B, 1, heads * d)
+        k = self._project(self.k_proj, self.k_norm, hidden, image_positions, rotary)
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: one key head per query group
             k = k.view(batch, -1, self.num_kv_heads, self.head_dim)
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2).flatten(2)
         scores = self.score(q, k)
-        return scores if beyond is None else scores.masked_fill(beyond, float("-inf"))
+        if beyond is not None:
+            scores = scores.masked_fill(beyond, float("-inf"))
+        if question_start is None:
+            return scores
+        questions = torch.arange(question_start, length, device=device).expand(batch, -1)
+        per_query = self._scores_per_query(self._project(self.q_proj, self.q_norm, hidden, questions, rotary), k)
+        if attention_mask is not None:  # padding is no question token
+            per_query = per_query.masked_fill(~attention_mask[:, question_start:, None], float("-inf"))
+        best = per_query.amax(dim=1)
+        return scores, best if beyond is None else best.masked_fill(beyond, float("-inf"))
+
+    def _project(self, projection: nn.Module, norm: nn.Module | None, hidden: torch.Tensor, index: torch.Tensor,
+                 rotary) -> torch.Tensor:
+        """(B, n, heads * head_dim) projections of the tokens at ``index`` (B, n), per-head normed and
+        rotated by their own positions where the family does so."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        x = projection(hidden[rows, index])
+        if norm is not None:
+            x = _per_head(norm, x, self.head_dim)
+        if self.use_rope:  # the rotations of each token's own position, as its layer would apply them
+            cos, sin = rotary
+            x = _rotated(x, cos[rows, index], sin[rows, index], self.head_dim)
+        return x
+
+    def _scores_per_query(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(B, Q, N) mean over heads of scaled q.k for (B, Q, heads * d) queries and (B, N, heads * d) keys."""
+        batch = q.shape[0]
+        qh = q.view(batch, q.shape[1], self.num_heads, self.head_dim).float()
+        kh = k.view(batch, k.shape[1], self.num_heads, self.head_dim).float()
+        return torch.einsum("bqhd,bnhd->bqn", qh, kh) / (self.num_heads * self.head_dim**0.5)
 
     def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(B, N) mean over heads of scaled q.k: the compiled op, or plain PyTorch under autograd."""

@@ -9,7 +9,7 @@ import torch
 
 from helpers.tiny_qwen import image_processor, qwen_images, qwen_inputs, tiny_qwen2_5_vl
 from sdrpn import RPN, SDRPN
-from sdrpn.roi import MODE_MASK, MODE_NONE, forced_logits
+from sdrpn.roi import MODE_MASK, MODE_NONE, RoIOptions, forced_logits
 
 SIZES = [(400, 300), (200, 560), (330, 330)]  # grids 11 x 14, 20 x 7, 12 x 12
 MAX_TOKENS = 256
@@ -91,3 +91,18 @@ def test_a_batch_equals_each_row_alone(engine):
 def test_sync_free_is_refused_with_the_reason(model):
     with pytest.raises(ValueError, match="sync_free=False"):
         SDRPN(model, RPN.from_model(model, 2, 2), processor=image_processor(), sync_free=True)
+
+
+def test_pruning_of_large_views_equals_the_reference(model):
+    # The authors prune above 1024 tokens at sigmoid <= 0.01; here above 100 tokens at 0.5, so that a
+    # random model prunes some tokens of the 154- and 140-token views (the 144-token one has no RoI).
+    options = RoIOptions(strategy="masked", edge_sink_above=768, prune_above=100, prune_threshold=0.5)
+    engine = SDRPN(model, RPN.from_model(model, 2, 2), processor=image_processor(MAX_TOKENS), roi_options=options)
+    fast = generate(engine, slice(0, 3), "sdrpn")
+    reference = generate(engine, slice(0, 3), "sdrpn-reference")
+    dropped = [roi.dropped for roi in reference.roi]
+    assert dropped[0] > 0 and dropped[1] > 0 and dropped[2] == 0
+    assert torch.equal(fast.visual_tokens.cpu(), reference.visual_tokens)
+    assert_same_logits(fast.logits, reference.logits)
+    unpruned = generate(SDRPN(model, engine.rpn, processor=image_processor(MAX_TOKENS)), slice(0, 3), "sdrpn")
+    assert not torch.allclose(unpruned.logits[0][0], fast.logits[0][0])

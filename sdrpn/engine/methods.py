@@ -124,8 +124,11 @@ def sdrpn_method(engine, request: GenerationRequest) -> MethodResult:
         prefill = run_stage2(adapter, stage1, layout, tokens, rpn.start_layer, engine.sync_free)
     decoded = decode(adapter, prefill.cache, prefill.logits, prefill.attention_mask, prefill.next_position,
                      request.sampling, request.keep_logits, prefill.rope_delta)
+    visual = layout.image_lengths + prefill.roi_lengths
+    if prefill.dropped is not None:
+        visual = visual - prefill.dropped
     return MethodResult(tokens=decoded.tokens, logits=decoded.logits, roi=stage1.proposal, roi_tokens=tokens,
-                        visual_tokens=layout.image_lengths + prefill.roi_lengths)
+                        visual_tokens=visual)
 
 
 @register_method("baseline")
@@ -186,6 +189,7 @@ def reference_method(engine, request: GenerationRequest) -> MethodResult:
         logits = [torch.cat([d.logits[step] if step < len(d.logits) else torch.full_like(d.logits[0], float("nan"))
                              for d in decoded]) for step in range(steps)]
     originals = [rows * cols for rows, cols in engine.adapter.view_grids(request.pixel_values)]
-    visual = torch.tensor([count + (0 if r.keep is None else int(r.keep.sum())) for count, r in zip(originals, rois)])
+    visual = torch.tensor([count - r.dropped + (0 if r.keep is None else int(r.keep.sum()))
+                           for count, r in zip(originals, rois)])
     return MethodResult(tokens=tokens, logits=logits, roi=rois, roi_tokens=None, visual_tokens=visual)
 

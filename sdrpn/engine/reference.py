@@ -39,6 +39,7 @@ class ReferenceRoI:
         crop: ``(x0, y0, width, height)`` of the source-pixel rectangle, or None.
         keep: (H' * W',) bool tokens of the RoI view that enter stage 2, or None.
         view_grid: the RoI view's token grid ``(H', W')``, or None.
+        dropped: original-view tokens pruned from stage 2 (``RoIOptions.prune_above``).
     """
 
     prob: np.ndarray
@@ -49,6 +50,7 @@ class ReferenceRoI:
     crop: tuple | None = None
     keep: np.ndarray | None = None
     view_grid: tuple | None = None
+    dropped: int = 0
 
 
 def _components(labels: np.ndarray, prob: np.ndarray, options: RoIOptions):
@@ -209,8 +211,11 @@ def reference_generate(
         # Stage 1: layers 0..K-1, RPN on the last prompt token.
         hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
                                     rope_position_ids=embedded.rope_position_ids, additions=embedded.layer_additions)
+        count = grid[0] * grid[1]
+        prunes = options.prune_above is not None and count > options.prune_above
         logits = rpn(hidden, ids.shape[1] - 1, embedded.image_start, rope_position_ids=embedded.rope_position_ids,
-                     image_lengths=torch.tensor([grid[0] * grid[1]]))
+                     image_lengths=torch.tensor([count]), question_start=image_end if prunes else None)
+        logits, question = logits if prunes else (logits, None)
         if roi_logits is not None:  # (B, H, W), a row's grid at its top left, or (B, H * W)
             forced = roi_logits[sample]
             logits = forced.reshape(grid) if forced.ndim == 1 else forced[: grid[0], : grid[1]]
@@ -237,6 +242,9 @@ def reference_generate(
             sequence_ids = torch.cat([ids[0, :image_end], before, block, after, ids[0, image_end:]])[None]
             grids.append(roi_grid)
             keep = torch.from_numpy(roi.keep)
+            if question is not None:  # original tokens no question token looks at are dropped
+                selected[image_end - count:image_end] = question[0].sigmoid().cpu() > options.prune_threshold
+                roi.dropped = int((~selected).sum())
             selected = torch.cat([selected[:image_end], torch.ones(len(before), dtype=torch.bool), keep,
                                   torch.ones(len(after), dtype=torch.bool), selected[image_end:]])
         embeds = adapter.embed_ids(sequence_ids)

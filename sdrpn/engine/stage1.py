@@ -32,6 +32,9 @@ class Stage1:
         grids: per row, the token grid ``(H, W)`` of its view (host).
         rope_position_ids: (P, B, E + Q) rotary positions (multi-axis RoPE), else None.
         rope_delta: (B,) rotary minus layer position of the text after the image, or None.
+        layer_additions: features the family adds inside early layers (see :mod:`sdrpn.models.base`).
+        pruned: (B, N) bool original-view tokens to drop in stage 2 if the row gets a RoI
+            (``RoIOptions.prune_above``), or None.
     """
 
     hidden: torch.Tensor
@@ -43,13 +46,17 @@ class Stage1:
     grids: list[tuple[int, int]]
     rope_position_ids: torch.Tensor | None = None
     rope_delta: torch.Tensor | None = None
+    layer_additions: dict | None = None
+    pruned: torch.Tensor | None = None
 
 
 def rpn_proposal(rpn: RPN, hidden: torch.Tensor, image_start: torch.Tensor, attention_mask, position_ids,
                  grids: list[tuple[int, int]], options: RoIOptions, roi_logits: torch.Tensor | None = None,
                  rope_position_ids: torch.Tensor | None = None,
-                 image_lengths: torch.Tensor | None = None) -> RoIProposal:
-    """RPN logits of the last prompt token against the image tokens, then the RoI proposal.
+                 image_lengths: torch.Tensor | None = None,
+                 question_start: int | None = None) -> tuple[RoIProposal, torch.Tensor | None]:
+    """RPN logits of the last prompt token against the image tokens, then the RoI proposal; with
+    ``question_start``, also each image token's best score from a question token (else None).
 
     ``grids``: each row's token grid; ``image_lengths`` (B,) its image tokens where the grids differ.
     ``roi_logits`` (B, H, W), when given, replaces the RPN's map after it ran (tests and benchmarks
@@ -57,10 +64,11 @@ def rpn_proposal(rpn: RPN, hidden: torch.Tensor, image_start: torch.Tensor, atte
     ``i`` reads its top-left ``H_i x W_i`` cells.
     """
     logits = rpn(hidden, hidden.shape[1] - 1, image_start, attention_mask, position_ids, rope_position_ids,
-                 image_lengths)
+                 image_lengths, question_start)
+    logits, question = logits if question_start is not None else (logits, None)
     if roi_logits is not None:
         logits = forced_map(roi_logits.to(device=logits.device, dtype=logits.dtype), grids, logits.shape)
-    return propose_grids(logits, grids, options)
+    return propose_grids(logits, grids, options), question
 
 
 def forced_map(maps: torch.Tensor, grids: list[tuple[int, int]], shape) -> torch.Tensor:
@@ -91,8 +99,16 @@ def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_valu
                                 attention_mask, cache, rope, embedded.layer_additions)
     # Views of the family's fixed grid need no per-row counts (nor their host read in the RPN).
     lengths = None if set(grids) == {tuple(adapter.image_grid)} else layout.image_lengths
-    proposal = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,
-                           grids, options, roi_logits, rope, lengths)
+    counts = [rows * cols for rows, cols in grids]
+    prunes = options.prune_above is not None and max(counts) > options.prune_above
+    proposal, question = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,
+                                     grids, options, roi_logits, rope, lengths,
+                                     layout.prefix_length if prunes else None)
+    pruned = None
+    if prunes:  # only rows above the token count prune; the rest keep every token
+        large = torch.tensor([count > options.prune_above for count in counts], device=question.device)
+        pruned = (question.sigmoid() <= options.prune_threshold) & large[:, None] & torch.isfinite(question)
     return Stage1(hidden=hidden, inputs_embeds=embedded.inputs_embeds, position_ids=embedded.position_ids,
                   attention_mask=attention_mask, cache=cache, proposal=proposal, grids=grids,
-                  rope_position_ids=rope, rope_delta=embedded.rope_delta)
+                  rope_position_ids=rope, rope_delta=embedded.rope_delta, layer_additions=embedded.layer_additions,
+                  pruned=pruned)

@@ -49,6 +49,7 @@ class Prefill:
         cache: every layer holds the S prompt tokens.
         roi_lengths: (B,) int64 RoI tokens inserted per row.
         rope_delta: (B,) rotary minus layer position of the generated tokens (multi-axis RoPE), or None.
+        dropped: (B,) int64 original-view tokens pruned from the prompt (``RoIOptions.prune_above``).
     """
 
     logits: torch.Tensor
@@ -57,6 +58,7 @@ class Prefill:
     cache: object
     roi_lengths: torch.Tensor
     rope_delta: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
 
 
 @dataclass
@@ -191,12 +193,25 @@ def run_stage2(adapter: ModelAdapter, stage1: Stage1, layout: PromptLayout, roi:
                    else torch.ones(batch, prefix, dtype=torch.bool, device=device))
     question_mask = (stage1.attention_mask[:, prefix:] if stage1.attention_mask is not None
                      else torch.ones(batch, layout.question_length, dtype=torch.bool, device=device))
+    pruned = _pruned_prefix(stage1, layout, roi)
+    if pruned is not None:
+        prefix_mask = prefix_mask & ~pruned
+        unmasked = False
     attention_mask = None if unmasked else torch.cat([prefix_mask, block_valid, question_mask], dim=1)
 
-    # 1-2. Layers 0..K-1: the new tokens against the cached prefix.
-    cache = stage1.cache
-    if layout.question_length:
-        cache.crop(-layout.question_length)
+    # 1-2. Layers 0..K-1: the new tokens against the cached prefix (recomputed without the pruned
+    # tokens, which the prefix's own states saw in stage 1).
+    if pruned is None:
+        cache, prefix_hidden = stage1.cache, stage1.hidden[:, :prefix]
+        if layout.question_length:
+            cache.crop(-layout.question_length)
+    else:
+        cache = adapter.new_cache()
+        prefix_rope = None if stage1.rope_position_ids is None else stage1.rope_position_ids[:, :, :prefix]
+        prefix_additions = {layer: values[:, :prefix] for layer, values in (stage1.layer_additions or {}).items()}
+        prefix_hidden = adapter.run_layers(stage1.inputs_embeds[:, :prefix], 0, start_layer,
+                                           stage1.position_ids[:, :prefix], prefix_mask, cache, prefix_rope,
+                                           prefix_additions)
     dtype = stage1.inputs_embeds.dtype
     parts = [_wrapper_embeds(adapter, before_ids, batch, dtype), roi.embeds.to(dtype),
              _wrapper_embeds(adapter, after_ids, batch, dtype), stage1.inputs_embeds[:, prefix:]]
@@ -211,7 +226,7 @@ def run_stage2(adapter: ModelAdapter, stage1: Stage1, layout: PromptLayout, roi:
                              additions)
 
     # 3. Layers K..L-1 over the whole sequence.
-    hidden = torch.cat([stage1.hidden[:, :prefix], new], dim=1)
+    hidden = torch.cat([prefix_hidden, new], dim=1)
     positions = torch.cat([stage1.position_ids[:, :prefix], new_positions], dim=1)
     rope = None if new_rope is None else torch.cat([stage1.rope_position_ids[:, :, :prefix], new_rope], dim=2)
     hidden = adapter.run_layers(hidden, start_layer, adapter.num_layers, positions, attention_mask, cache, rope)
@@ -222,7 +237,24 @@ def run_stage2(adapter: ModelAdapter, stage1: Stage1, layout: PromptLayout, roi:
         cache=cache,
         roi_lengths=roi.lengths,
         rope_delta=rope_delta,
+        dropped=None if pruned is None else pruned.sum(dim=1),
     )
+
+
+def _pruned_prefix(stage1: Stage1, layout: PromptLayout, roi: RoITokens) -> torch.Tensor | None:
+    """(B, E) bool prefix tokens dropped from stage 2 (``RoIOptions.prune_above``: original-view
+    tokens no question token looks at, in rows that got a RoI), or None when none is (read on the
+    host; pruning families run trimmed)."""
+    if stage1.pruned is None:
+        return None
+    pruned = stage1.pruned & (roi.lengths > 0)[:, None]
+    if not bool(pruned.any()):
+        return None
+    prefix = layout.prefix_length
+    columns = (layout.image_start[:, None] + torch.arange(pruned.shape[1], device=pruned.device)).clamp_max(prefix - 1)
+    keys = torch.zeros(pruned.shape[0], prefix, dtype=torch.int32, device=pruned.device)
+    # amax: slots beyond a row's image tokens (clamped onto its last one) never unset a pruned token
+    return keys.scatter_reduce(1, columns, pruned.int(), reduce="amax").bool()
 
 
 def _wrapper_embeds(adapter: ModelAdapter, ids: tuple[int, ...], batch: int, dtype) -> torch.Tensor:

@@ -126,9 +126,10 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     # -- views of their own size ---------------------------------------------------------------------
 
     # The authors' Qwen2.5-VL inference: masked upscaling of the box around the whole mask,
-    # threshold 0.25, edge sinks of large maps zeroed (Qwen2.5-VL/qwen_src/mm_utils.py ~946-990,
-    # modeling_qwen2_5_vl.py ~1095).
-    roi_defaults = {"strategy": "masked", "edge_sink_above": 768}
+    # threshold 0.25, edge sinks of large maps zeroed, original tokens no question token looks at
+    # dropped above 1024 tokens (Qwen2.5-VL/qwen_src/mm_utils.py ~946-990, modeling_qwen2_5_vl.py
+    # ~1095, ~1338-1376).
+    roi_defaults = {"strategy": "masked", "edge_sink_above": 768, "prune_above": 1024, "prune_threshold": 0.01}
     default_threshold = 0.25
     roi_views_on_device = False  # the processor sizes each crop by its own pixel budget
 
@@ -192,3 +193,72 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     def text_rope_positions(self, position_ids: torch.Tensor, rope_delta: torch.Tensor | None) -> torch.Tensor | None:
         shifted = position_ids if rope_delta is None else position_ids + rope_delta.to(position_ids.device)[:, None]
         return shifted[None].expand(3, *shifted.shape)
+
+    # -- the labelling view (``sdrpn label``, ``sdrpn heads``, ``sdrpn train``) ---------------------
+    #
+    # The authors label (and train) on the image pasted on a grey (127) square, processed at
+    # min_pixels = max_pixels = 576 * 28 * 28 (make_pseudo_label_{textual,natural}.py ~58-71,
+    # qwenvl/data/data_qwen.py 244-251): a 24 x 24 grid for most sizes, 23 x 23 or 25 x 25 for about 5%
+    # (smart_resize's float arithmetic; see sdrpn.models.qwen_geometry). Their padding cells
+    # (get_foreground_mask) are known background under their label rules.
+
+    @property
+    def labelling_geometry(self) -> QwenViewGeometry:
+        """The square labelling view's geometry: ``image_grid`` cells a side at the family's cell size."""
+        rows, cols = self.image_grid
+        if rows != cols:
+            raise ValueError(f"the square labelling view needs a square image_grid, got {self.image_grid}")
+        return QwenViewGeometry.authors_square(cell=self.cell_size, side_cells=rows)
+
+    def labelling_view(self, image):
+        """The image pasted on a grey square (``expand2square``: centred on the short axis), the grid the
+        labelling processor makes of that square, and the authors' padding cells of it."""
+        from PIL import Image
+
+        from .base import LabellingView
+        from .qwen_geometry import AUTHORS_PAD_COLOR
+
+        geometry = self.labelling_geometry
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        (side, _), offset = geometry.canvas(image.size)
+        square = image
+        if image.size != (side, side):
+            square = Image.new("RGB", (side, side), AUTHORS_PAD_COLOR)
+            square.paste(image, offset)
+        return LabellingView(square, geometry.grid(image.size), geometry.padding_cells(image.size))
+
+    def labelling_processor(self, processor):
+        """A copy of ``processor`` whose image processor resizes to the labelling budget
+        (``min_pixels = max_pixels``); ``processor`` itself is left as it is."""
+        import copy
+
+        if processor is None:
+            return None
+        geometry = self.labelling_geometry
+        image_processor = getattr(processor, "image_processor", processor)
+        budgeted = copy.deepcopy(image_processor)
+        size = getattr(budgeted, "size", None)
+        entries = {"shortest_edge": geometry.min_pixels, "longest_edge": geometry.max_pixels}
+        if size is None or isinstance(size, dict):
+            budgeted.size = {**(size or {}), **entries}
+        else:  # transformers' SizeDict
+            budgeted.size = type(size)(**{**{k: v for k, v in vars(size).items() if v is not None}, **entries})
+        for name, value in (("min_pixels", geometry.min_pixels), ("max_pixels", geometry.max_pixels)):
+            if getattr(budgeted, name, None) is not None:  # the attributes older processors read
+                setattr(budgeted, name, value)
+        found = QwenViewGeometry.from_image_processor(budgeted, cell=self.cell_size)
+        if (found.min_pixels, found.max_pixels) != (geometry.min_pixels, geometry.max_pixels):
+            raise ValueError(f"cannot set the labelling budget of {type(image_processor).__name__}: it reads "
+                             f"{found.min_pixels}..{found.max_pixels} pixels")
+        if budgeted is not image_processor and processor is not image_processor:
+            processor = copy.copy(processor)
+            processor.image_processor = budgeted
+            return processor
+        return budgeted
+
+    def labelling_settings(self) -> dict:
+        geometry = self.labelling_geometry
+        from .qwen_geometry import AUTHORS_PAD_COLOR
+
+        return {"view": "square", "pad_color": list(AUTHORS_PAD_COLOR), "min_pixels": geometry.min_pixels,
+                "max_pixels": geometry.max_pixels, "grid": list(self.image_grid)}
