@@ -9,6 +9,7 @@ import torch
 
 from helpers.tiny_qwen import image_processor, qwen_images, qwen_inputs, tiny_qwen2_5_vl
 from sdrpn import RPN, SDRPN
+from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from sdrpn.roi import MODE_MASK, MODE_NONE, RoIOptions, forced_logits
 
 SIZES = [(400, 300), (200, 560), (330, 330)]  # grids 11 x 14, 20 x 7, 12 x 12
@@ -106,3 +107,20 @@ def test_pruning_of_large_views_equals_the_reference(model):
     assert_same_logits(fast.logits, reference.logits)
     unpruned = generate(SDRPN(model, engine.rpn, processor=image_processor(MAX_TOKENS)), slice(0, 3), "sdrpn")
     assert not torch.allclose(unpruned.logits[0][0], fast.logits[0][0])
+
+
+def test_the_separate_layout_equals_its_reference_and_differs_from_the_nested_one(model):
+    adapter = Qwen2_5_VLAdapter(model, roi_layout="separate")
+    engine = SDRPN(adapter, RPN.from_model(model, 2, 2), processor=image_processor(MAX_TOKENS))
+    fast = generate(engine, slice(0, 3), "sdrpn")
+    reference = generate(engine, slice(0, 3), "sdrpn-reference")
+    assert_same_logits(fast.logits, reference.logits)
+    nested = generate(SDRPN(model, engine.rpn, processor=image_processor(MAX_TOKENS)), slice(0, 3), "sdrpn")
+    assert torch.equal(fast.visual_tokens, nested.visual_tokens)
+    assert not torch.allclose(fast.logits[0][:2], nested.logits[0][:2])  # rows with a RoI
+    torch.testing.assert_close(fast.logits[0][2], nested.logits[0][2])  # the row without one
+
+
+def test_an_unknown_layout_is_refused(model):
+    with pytest.raises(ValueError, match="nested"):
+        Qwen2_5_VLAdapter(model, roi_layout="inside")

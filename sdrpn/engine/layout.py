@@ -36,6 +36,7 @@ class PromptLayout:
         image_start: (B,) int64 index of the first image token of each row.
         image_lengths: (B,) int64 image tokens of each row (views of their own grid differ).
         padded: whether any row holds padding (without, attention needs no mask).
+        tail: tokens after the image that stay in the prefix (the image ends at E - tail).
     """
 
     input_ids: torch.Tensor
@@ -47,13 +48,16 @@ class PromptLayout:
     image_start: torch.Tensor
     image_lengths: torch.Tensor
     padded: bool
+    tail: int = 0
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int,
-              image_lengths: int | list[int], pad_token_id: int) -> PromptLayout:
+              image_lengths: int | list[int], pad_token_id: int, tail: int = 0) -> PromptLayout:
         """Lays out processor outputs (left or right padded) as described in the module docstring.
 
         ``image_lengths``: the image tokens each row must hold (one count for all rows, or one per row).
+        ``tail``: tokens after the image kept in the prefix (e.g. the image's closing token, where
+        the RoI view follows it as a block of its own).
         """
         input_ids = input_ids.cpu()
         if input_ids.ndim != 2:
@@ -73,7 +77,9 @@ class PromptLayout:
                     f"prompt {row} must hold exactly one image as {image_length} contiguous image tokens "
                     f"(id {image_token_id}), found {image.numel()}; build prompts with the model's processor"
                 )
-            end = int(image[-1]) + 1
+            end = int(image[-1]) + 1 + tail
+            if end > len(tokens):
+                raise ValueError(f"prompt {row} ends before the {tail} token(s) that follow its image")
             prefixes.append(tokens[:end])
             questions.append(tokens[end:])
         prefix_length = max(len(p) for p in prefixes)
@@ -96,9 +102,10 @@ class PromptLayout:
             question_length=question_length,
             prefix_tokens=prefix_tokens,
             question_tokens=torch.tensor([len(q) for q in questions]),
-            image_start=prefix_length - lengths,
+            image_start=prefix_length - tail - lengths,
             image_lengths=lengths,
             padded=not bool(real.all()),
+            tail=tail,
         )
 
     def to(self, device) -> PromptLayout:
@@ -112,6 +119,7 @@ class PromptLayout:
             image_start=self.image_start.to(device, non_blocking=True),
             image_lengths=self.image_lengths.to(device, non_blocking=True),
             padded=self.padded,
+            tail=self.tail,
         )
 
     @property

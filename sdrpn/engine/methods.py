@@ -98,7 +98,7 @@ def layout_of(engine, request: GenerationRequest) -> PromptLayout:
     adapter = engine.adapter
     lengths = [rows * cols for rows, cols in adapter.view_grids(request.pixel_values)]
     layout = PromptLayout.build(request.input_ids, request.attention_mask, adapter.image_token_id,
-                                lengths, request.sampling.pad_token_id)
+                                lengths, request.sampling.pad_token_id, adapter.prefix_tail)
     return layout.to(adapter.device)
 
 

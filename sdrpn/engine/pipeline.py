@@ -127,7 +127,8 @@ class SDRPN:
         self._check_image_start(input_ids, attention_mask)
         adapter = self.adapter
         lengths = [rows * cols for rows, cols in adapter.view_grids(pixel_values)]
-        layout = PromptLayout.build(input_ids, attention_mask, adapter.image_token_id, lengths, 0).to(adapter.device)
+        layout = PromptLayout.build(input_ids, attention_mask, adapter.image_token_id, lengths, 0,
+                                    adapter.prefix_tail).to(adapter.device)
         stage1 = run_stage1(adapter, self.rpn, layout, pixel_values, options, roi_logits, self.proposal_fn)
         crops = None
         if images is not None:

@@ -239,14 +239,15 @@ def reference_generate(
             injected = {layer: views + roi_injected[layer] for layer, views in injected.items()}
             before, after = (torch.tensor(part, dtype=torch.long, device=ids.device) for part in adapter.roi_block_ids)
             block = torch.full((roi_grid[0] * roi_grid[1],), adapter.image_token_id, device=ids.device)
-            sequence_ids = torch.cat([ids[0, :image_end], before, block, after, ids[0, image_end:]])[None]
+            insert = image_end + adapter.prefix_tail  # where the RoI block goes
+            sequence_ids = torch.cat([ids[0, :insert], before, block, after, ids[0, insert:]])[None]
             grids.append(roi_grid)
             keep = torch.from_numpy(roi.keep)
             if question is not None:  # original tokens no question token looks at are dropped
                 selected[image_end - count:image_end] = question[0].sigmoid().cpu() > options.prune_threshold
                 roi.dropped = int((~selected).sum())
-            selected = torch.cat([selected[:image_end], torch.ones(len(before), dtype=torch.bool), keep,
-                                  torch.ones(len(after), dtype=torch.bool), selected[image_end:]])
+            selected = torch.cat([selected[:insert], torch.ones(len(before), dtype=torch.bool), keep,
+                                  torch.ones(len(after), dtype=torch.bool), selected[insert:]])
         embeds = adapter.embed_ids(sequence_ids)
         is_image = (sequence_ids == adapter.image_token_id)[..., None]
         embeds = embeds.masked_scatter(is_image, torch.cat(features).to(embeds.dtype))

@@ -103,7 +103,7 @@ def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_valu
     prunes = options.prune_above is not None and max(counts) > options.prune_above
     proposal, question = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,
                                      grids, options, roi_logits, rope, lengths,
-                                     layout.prefix_length if prunes else None)
+                                     layout.prefix_length - layout.tail if prunes else None)
     pruned = None
     if prunes:  # only rows above the token count prune; the rest keep every token
         large = torch.tensor([count > options.prune_above for count in counts], device=question.device)

@@ -324,6 +324,10 @@ class ModelAdapter(abc.ABC):
         """Token ids before and after the RoI view's tokens in stage 2 (none by default)."""
         return (), ()
 
+    # Tokens after the original image before which the RoI block goes (0: right after its last
+    # image token).
+    prefix_tail: int = 0
+
     def view_grids(self, vision_input) -> list[tuple[int, int]]:
         """Token grid ``(rows, cols)`` of each view in a vision input, on the host."""
         return [tuple(self.image_grid)] * int(vision_input.shape[0])
@@ -458,6 +462,43 @@ class ModelAdapter(abc.ABC):
         q, k = project_qk(layer.self_attn, normed, self.head_dim)
         cos, sin = self.rotary(hidden, position_ids if rope_position_ids is None else rope_position_ids)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    # -- the labelling view (``sdrpn label``, ``sdrpn heads``, ``sdrpn train``) ---------------------
+    #
+    # The view the pseudo labels are made on, and the RPN trained on: what the labelling processor
+    # receives for a source image, the token grid it makes of it, and the cells of that grid that hold
+    # no image (padding the view added: known background under label rules that say so). Labels are
+    # stored on ``image_grid``; a view of another grid cannot be labelled (the job reports it).
+    # Default: the image as it is, through the processor as it is (its own geometry), no padding cells.
+
+    def labelling_view(self, image) -> "LabellingView":
+        """The labelling view of a source PIL image (see :class:`LabellingView`)."""
+        return LabellingView(image, tuple(self.image_grid), None)
+
+    def labelling_processor(self, processor):
+        """The processor that encodes labelling views (``processor`` itself by default; None stays None)."""
+        return processor
+
+    def labelling_settings(self) -> dict | None:
+        """JSON-ready facts of the labelling view that a label run records (``run.json``) and a resumed
+        run must share; None where the view is the processor's own (recorded as its geometry)."""
+        return None
+
+
+@dataclass
+class LabellingView:
+    """One source image as the labelling pipeline shows it to the model (:meth:`ModelAdapter.labelling_view`).
+
+    Attributes:
+        image: the PIL image the labelling processor receives.
+        grid: ``(rows, cols)`` token grid the labelling processor makes of it.
+        padding: ``(rows, cols)`` bool, True on the cells that hold no image (padding added by the
+            view), or None for a view without such cells.
+    """
+
+    image: object
+    grid: tuple[int, int]
+    padding: torch.Tensor | None = None
 
 
 class LanguageModelAdapter(ModelAdapter):

@@ -36,8 +36,17 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     vision_input_names = VISION_INPUTS
     derived_input_names = ("mm_token_type_ids",)  # image tokens are read from input_ids
 
-    def __init__(self, model: nn.Module, processor=None):
+    def __init__(self, model: nn.Module, processor=None, roi_layout: str = "nested"):
+        """``roi_layout``: where stage 2 puts the RoI block ``<|vision_start|> RoI <|vision_end|>``:
+        "nested" (default) inside the original image's block, before its ``<|vision_end|>``, as the
+        authors' release does (``insert_sub_feat``, ``Qwen2.5-VL/qwen_src/mm_utils.py`` ~1140-1199),
+        so that their checkpoints reproduce their numbers; "separate" after it, two sibling image
+        blocks as the processor lays out two images (what the model saw in training)."""
         super().__init__(model, processor)
+        if roi_layout not in ("nested", "separate"):
+            raise ValueError(f"roi_layout must be 'nested' or 'separate', got {roi_layout!r}")
+        self.roi_layout = roi_layout
+        self.prefix_tail = 1 if roi_layout == "separate" else 0
         config = model.config
         self.vision_start_token_id = config.vision_start_token_id
         self.vision_end_token_id = config.vision_end_token_id
