@@ -29,7 +29,11 @@ def adapter_for(model, processor=None) -> ModelAdapter:
         from .qwen2_5_vl import Qwen2_5_VLAdapter
 
         return Qwen2_5_VLAdapter(model, processor)
+    if model_type in ("qwen3_vl", "qwen3_vl_moe"):  # the MoE sibling differs only inside its MLPs
+        from .qwen3_vl import Qwen3VLAdapter
+
+        return Qwen3VLAdapter(model, processor)
     raise TypeError(
         f"no sdrpn adapter for {type(model).__name__} (config.model_type={model_type!r}); "
-        f"supported: llava, qwen2_5_vl"
+        f"supported: llava, qwen2_5_vl, qwen3_vl, qwen3_vl_moe"
     )

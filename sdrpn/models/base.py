@@ -294,7 +294,9 @@ class ModelAdapter(abc.ABC):
                 :attr:`vision_input_names`: a tensor for a single name, else a dict); encoded unless
                 ``image_features`` is given.
             attention_mask: (B, S) 1 for real tokens (processor output); None means no padding.
-            image_features: (B, image_length, hidden) already encoded views.
+            image_features: (B, image_length, hidden) already encoded views; families that add
+                features inside early layers (``injection_layers``) take what
+                :meth:`encode_views_full` returned instead.
             validate: check the image tokens on the host (ValueError when a row does not hold one
                 image); callers that validated the prompts already skip the host round trip.
         """

@@ -69,19 +69,22 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
         """Per image, (n_i, hidden) tokens projected to the language model, from the vision input
         (a dict with ``pixel_values`` and ``image_grid_thw``)."""
-        if not isinstance(pixel_values, dict) or set(pixel_values) != set(VISION_INPUTS):
-            raise ValueError(f"the Qwen2.5-VL vision input is a dict of {VISION_INPUTS}, the processor's outputs")
-        visual = self.model.model.visual
-        parameter = next(visual.parameters())
-        output = self.model.model.get_image_features(
-            pixel_values["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
-            pixel_values["image_grid_thw"].to(parameter.device),
-        )
+        output = self.vision_tower_output(pixel_values)
         features = output.pooler_output if hasattr(output, "pooler_output") else output
         if isinstance(features, torch.Tensor):  # one tensor for all images: split by token counts
             grid = pixel_values["image_grid_thw"]
             features = features.split((grid.prod(dim=-1) // self.merge_size**2).tolist())
         return [feature.to(device=self.device, dtype=self.dtype) for feature in features]
+
+    def vision_tower_output(self, vision_input):
+        """What ``get_image_features`` returns for a vision input (a dict of :data:`VISION_INPUTS`),
+        run where the vision tower's weights are."""
+        if not isinstance(vision_input, dict) or set(vision_input) != set(VISION_INPUTS):
+            raise ValueError(f"the {self.family} vision input is a dict of {VISION_INPUTS}, the processor's outputs")
+        parameter = next(self.model.model.visual.parameters())
+        return self.model.model.get_image_features(
+            vision_input["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
+            vision_input["image_grid_thw"].to(parameter.device))
 
     # -- language model ----------------------------------------------------------------------------
 
