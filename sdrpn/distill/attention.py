@@ -6,6 +6,12 @@ the softmax over all keys of ``q . k / sqrt(head_dim)`` with RoPE applied and a 
 restricted to the image-token columns. They are computed from the q and k of the wanted heads
 only, while every layer keeps its own attention implementation (SDPA, FlashAttention), and the
 forward stops after the last layer that is needed (DESIGN section 3.5).
+
+Multi-axis RoPE (Qwen's M-RoPE) follows the adapter contract of :mod:`sdrpn.models.base`: the prompt
+keeps the rotary positions ``embed`` gave it, and every answer token sits at its layer position plus
+the row's ``rope_delta``, as decoding places it; features a family adds inside early layers
+(``layer_additions``) are added at the prompt positions. Images of different token counts in one
+batch are read up to the largest count; a sample's columns beyond its own count are 0.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def head_rows(
     image_start: torch.Tensor,
     image_tokens: int,
     scaling: float,
+    image_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention weights of ``heads`` from the query positions to the image tokens.
 
@@ -41,6 +48,8 @@ def head_rows(
         image_start: ``(B,)`` int64 position of each sample's first image token.
         image_tokens: number of image tokens ``N`` (contiguous from ``image_start``).
         scaling: the layer's softmax scale (``head_dim ** -0.5`` for LLaMA).
+        image_lengths: ``(B,)`` image tokens of each sample where they differ (``image_tokens`` is
+            then the largest); the columns beyond a sample's own count are 0. None: all ``N``.
 
     Returns:
         ``(B, h, A, N)`` float32 attention weights; each full row (over all ``S`` keys) sums to 1.
@@ -54,8 +63,13 @@ def head_rows(
     keys = torch.arange(length, device=query.device)
     hidden = (keys[None, None, :] > query_positions[:, :, None]) | key_padding[:, None, :]
     weights = scores.masked_fill(hidden[:, None], float("-inf")).softmax(dim=-1)
-    columns = image_start[:, None] + torch.arange(image_tokens, device=query.device)
-    return weights.gather(3, columns[:, None, None, :].expand(batch, heads.numel(), weights.shape[2], -1))
+    offsets = torch.arange(image_tokens, device=query.device)
+    columns = (image_start[:, None] + offsets).clamp(max=length - 1)
+    rows = weights.gather(3, columns[:, None, None, :].expand(batch, heads.numel(), weights.shape[2], -1))
+    if image_lengths is not None:
+        beyond = offsets[None, :] >= image_lengths.to(query.device)[:, None]
+        rows = rows.masked_fill(beyond[:, None, None, :], 0.0)
+    return rows
 
 
 def grounding_map(rows: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
@@ -150,12 +164,15 @@ class Capture:
             from the answer queries to the image tokens.
         hidden: layer -> ``(B, N, hidden)`` image-token states entering that layer.
         query_mask: ``(B, A)`` True on real answer queries.
+        image_lengths: ``(B,)`` image tokens of each sample (``N`` is the largest; rows and states
+            beyond a sample's own count are not its image's), or None where not recorded.
     """
 
     request: CaptureRequest
     rows: dict[int, torch.Tensor]
     hidden: dict[int, torch.Tensor]
     query_mask: torch.Tensor
+    image_lengths: torch.Tensor | None = None
 
     def select(self, heads: dict[int, Sequence[int]]) -> torch.Tensor:
         """``(B, h, A, N)`` rows of the given layer -> heads, concatenated in that order."""
@@ -201,28 +218,48 @@ def capture(adapter: ModelAdapter, batch: TeacherForcedBatch, request: CaptureRe
     answers = adapter.embed_ids(batch.answer_ids).to(inputs.inputs_embeds.dtype)
     key_mask = torch.cat([inputs.attention_mask, batch.query_mask], dim=1)
     positions = default_position_ids(key_mask)
+    # Rotary positions: the prompt's own, the answers' as decoding places them (None for 1-D RoPE).
+    answer_rope = adapter.text_rope_positions(positions[:, prompt_length:], inputs.rope_delta)
+    rope = None if inputs.rope_position_ids is None else torch.cat([inputs.rope_position_ids.to(positions.device),
+                                                                    answer_rope], dim=-1)
     if prefix is None:
         hidden, running_positions, cache = torch.cat([inputs.inputs_embeds, answers], dim=1), positions, None
+        running_rope, additions = rope, _extended(inputs.layer_additions, answers.shape[1])
     else:
         hidden, running_positions, cache = answers, positions[:, prompt_length:], prefix.cache
+        running_rope, additions = (None if rope is None else answer_rope), None  # nothing is added to text
+    image_tokens = inputs.image_length
+    image_lengths = inputs.image_lengths
+    offsets = torch.arange(image_tokens, device=positions.device)
+    image_positions = (inputs.image_start[:, None] + offsets).clamp(max=key_mask.shape[1] - 1)
     rows: dict[int, torch.Tensor] = {}
     states: dict[int, torch.Tensor] = {}
     current = 0
     for layer in sorted({*request.heads, *request.hidden_layers}):
         if hidden.shape[1]:
-            hidden = adapter.run_layers(hidden, current, layer, running_positions, key_mask, cache)
+            hidden = adapter.run_layers(hidden, current, layer, running_positions, key_mask, cache, running_rope,
+                                        additions)
         current = layer
         full = hidden if prefix is None else torch.cat([prefix.states[layer], hidden], dim=1)
         if layer in request.hidden_layers:
-            index = inputs.image_positions[:, :, None].expand(-1, -1, full.shape[-1])
+            index = image_positions[:, :, None].expand(-1, -1, full.shape[-1]).to(full.device)
             states[layer] = full.gather(1, index)
         if layer in request.heads:
-            query, key = adapter.attention_qk(layer, full, positions)
+            query, key = adapter.attention_qk(layer, full, positions, rope)
             heads = torch.tensor(request.heads[layer], dtype=torch.int64, device=query.device)
             scaling = getattr(adapter.layer(layer).self_attn, "scaling", adapter.head_dim ** -0.5)
-            rows[layer] = head_rows(query, key, heads, batch.query_positions, ~key_mask, inputs.image_start,
-                                    inputs.image_length, scaling)
-    return Capture(request, rows, states, batch.query_mask)
+            rows[layer] = head_rows(query, key, heads, batch.query_positions.to(query.device),
+                                    ~key_mask.to(query.device), inputs.image_start.to(query.device), image_tokens,
+                                    scaling, image_lengths)
+    return Capture(request, rows, states, batch.query_mask, image_lengths)
+
+
+def _extended(additions: dict[int, torch.Tensor] | None, answers: int) -> dict[int, torch.Tensor] | None:
+    """Prompt-length ``layer_additions`` extended with zeros over ``answers`` appended tokens."""
+    if not additions:
+        return None
+    return {layer: torch.cat([added, added.new_zeros(added.shape[0], answers, added.shape[2])], dim=1)
+            for layer, added in additions.items()}
 
 
 @dataclass
@@ -278,10 +315,12 @@ class AttentionReader:
         return answers
 
     @torch.no_grad()
-    def read_encoded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+    def read_encoded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values,
                      request: CaptureRequest) -> tuple[list[list[int]], Capture]:
         """Answer processor outputs (left-padded) and capture ``request``; returns the generated
-        ids per sample and the capture.
+        ids per sample and the capture. ``pixel_values`` is the family's vision input
+        (:meth:`vision_input`): the ``pixel_values`` tensor, or a dict of the processor outputs the
+        adapter names (Qwen: with ``image_grid_thw``).
 
         The prefill keeps the prompt's states entering the requested layers and its cache; after
         greedy decoding the cache is cropped back to the prompt, so that the teacher-forced pass
@@ -293,21 +332,31 @@ class AttentionReader:
         inputs = adapter.embed(input_ids, pixel_values, attention_mask)
         cache = adapter.new_cache()
         hidden, states, current = inputs.inputs_embeds, {}, 0
+        rope, additions = inputs.rope_position_ids, inputs.layer_additions
         for layer in sorted({*request.heads, *request.hidden_layers}):
-            hidden = adapter.run_layers(hidden, current, layer, inputs.position_ids, inputs.attention_mask, cache)
+            hidden = adapter.run_layers(hidden, current, layer, inputs.position_ids, inputs.attention_mask, cache,
+                                        rope, additions)
             states[layer], current = hidden, layer
         hidden = adapter.run_layers(hidden, current, adapter.num_layers, inputs.position_ids, inputs.attention_mask,
-                                    cache)
+                                    cache, rope, additions)
         config = SamplingConfig(max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(sorted(self.eos_ids)),
                                 pad_token_id=self.pad_id)
         decoded = decode(adapter, cache, adapter.logits(hidden[:, -1]), inputs.attention_mask,
-                         inputs.attention_mask.sum(dim=1), config)
+                         inputs.attention_mask.sum(dim=1), config, rope_delta=inputs.rope_delta)
         answers = self._cut(decoded.tokens)
         fed_back = cache.get_seq_length() - inputs.inputs_embeds.shape[1]
         if fed_back:
             cache.crop(-fed_back)  # back to the prompt (a negative count removes tokens in every version)
         batch = teacher_forced_batch(inputs, answers, self.pad_id)
         return answers, capture(adapter, batch, request, PromptPrefix(cache, states))
+
+    def vision_input(self, encoded):
+        """The family's vision input from processor outputs: ``pixel_values`` alone, or a dict of the
+        outputs the adapter names (``vision_input_names``)."""
+        names = self.adapter.vision_input_names
+        if len(names) == 1:
+            return encoded[names[0]]
+        return {name: encoded[name] for name in names}
 
     def read(self, images: Sequence, questions: Sequence[str], request: CaptureRequest) -> Reading:
         """Answer one batch of (image, question) and capture ``request`` over prompt + answer."""
@@ -317,7 +366,7 @@ class AttentionReader:
         encoded = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True,
                                  padding_side="left")
         answers, captured = self.read_encoded(encoded["input_ids"], encoded["attention_mask"],
-                                              encoded["pixel_values"], request)
+                                              self.vision_input(encoded), request)
         texts = [self.tokenizer.decode([t for t in answer if t not in self.eos_ids], skip_special_tokens=True).strip()
                  for answer in answers]
         return Reading(answers, texts, captured)

@@ -265,12 +265,18 @@ def calibrate_heads(model, processor, records: Sequence[Record], image_root: str
     The questions are asked in the conversation template ``prompt`` (None: the family's default).
 
     Each batch is answered greedily and read in one teacher-forced pass up to the last layer
-    (:class:`.attention.AttentionReader`), like ``sdrpn label`` does.
+    (:class:`.attention.AttentionReader`), like ``sdrpn label`` does, on the same view: the adapter's
+    labelling view through its labelling processor. A record whose view is not on the family's
+    ``image_grid`` is skipped with that reason, as ``sdrpn label`` skips it. The view's padding cells
+    (Qwen2.5-VL's grey square) hold no image: they are left out of the maps like sinks.
     """
     from tqdm import tqdm
 
-    reader = AttentionReader(model, processor, max_new_tokens, prompt=prompt)
-    adapter = reader.adapter
+    from ..models import adapter_for
+
+    adapter = adapter_for(model, processor)
+    reader = AttentionReader(model, adapter.labelling_processor(processor), max_new_tokens, adapter, prompt)
+    grid = tuple(int(size) for size in adapter.image_grid)
     grounding_layer = min(layers)
     request = CaptureRequest({layer: tuple(range(adapter.num_heads)) for layer in layers}).merge(
         sink.request(grounding_layer, adapter.num_heads))
@@ -279,18 +285,29 @@ def calibrate_heads(model, processor, records: Sequence[Record], image_root: str
     bar = tqdm(total=len(records), unit="sample", desc="heads", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        images, questions = [], []
+        images, questions, paddings = [], [], []
         for record in batch:
             image, mode_or_issue = open_record_image(image_root, record)
-            if image is None:
+            view = None if image is None else adapter.labelling_view(image)
+            if view is not None and tuple(view.grid) != grid:
+                mode_or_issue = RecordIssue(record.file, record.line, f"its labelling view of this {image.size[0]}x"
+                                            f"{image.size[1]} image is {view.grid[0]}x{view.grid[1]} tokens, not "
+                                            f"the {grid[0]}x{grid[1]} grid the labels are made on", record.question_id)
+                view = None
+            if view is None:
                 skipped.append(mode_or_issue)
                 report_issue("heads", mode_or_issue, bar.write)
             else:
-                images.append(image)
+                images.append(view.image)
                 questions.append(record.question)
+                paddings.append(view.padding)
         if images:
             captured = reader.read(images, questions, request).capture
             sinks = sink.detect(captured, grounding_layer, adapter.image_length)
+            if any(padding is not None for padding in paddings):
+                sinks = sinks | torch.stack([padding.flatten() if padding is not None
+                                             else torch.zeros(sinks.shape[1], dtype=torch.bool)
+                                             for padding in paddings]).to(sinks.device)
             for layer in layers:
                 scorer.update(layer, captured.select({layer: range(adapter.num_heads)}), captured.query_mask, sinks)
         bar.update(len(batch))

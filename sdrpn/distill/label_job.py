@@ -7,6 +7,14 @@ heads and the answer tokens) and the sink mask become labels (:func:`.labels.ass
 every ``shard_size`` samples, and at least every ``flush_seconds``, are written as one atomic shard
 (:mod:`.shards`).
 
+The labelling view is the adapter's (:meth:`~sdrpn.models.base.ModelAdapter.labelling_view`): LLaVA's
+images go to its processor as they are (its own pad or crop geometry); Qwen2.5-VL's are pasted on the
+authors' grey square and encoded at their fixed pixel budget, and the square's padding cells are known
+background under label rules that say so (``padding_is_background``; stored in the shards as
+``padding``). Labels are stored on the family's ``image_grid``: a record whose view has another grid
+(about 5% of image sizes give Qwen2.5-VL's square 23 x 23 or 25 x 25 tokens instead of 24 x 24) is
+reported with that reason and skipped, before the model runs.
+
 Robustness: a record that cannot be used is reported (file, line, reason) and skipped; the run
 goes on and ends with a summary and ``issues.jsonl`` (the policy of :mod:`sdrpn.issues`). Killed at
 any point, the run resumes where it stopped: records already in a shard are skipped, so no sample
@@ -22,7 +30,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -31,11 +39,11 @@ import torch
 from .. import distributed
 from ..errors import Interrupted, UserError
 from ..issues import RecordIssue, issues_summary, report_issue
-from ..models.base import ModelAdapter
+from ..models.base import LabellingView, ModelAdapter
 from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
 from .attention import AttentionReader, Capture, CaptureRequest, grounding_map
 from .heads import HeadSelection
-from .labels import assign_labels, is_valid
+from .labels import QUESTION_REWRITES, LabelRules, QuestionRewrite, assign_labels, is_valid
 from .records import Record, open_record_image
 from .shards import (
     atomic_write,
@@ -61,7 +69,14 @@ class LabelOptions:
     """Everything that decides the labels (and therefore must not change when a run resumes),
     plus how the work is batched.
 
-    The label rules and their defaults are those of :func:`.labels.assign_labels`. ``prompt`` is the
+    The label rules and their defaults are those of :func:`.labels.assign_labels` (the authors'
+    LLaVA-1.5 rules), plus ``padding_is_background`` (the padding cells of the labelling view count as
+    sinks before the peak and are background wherever they lie). ``rules`` sets all of them at once
+    from a :class:`~.labels.LabelRules` or a preset name of :data:`~.labels.LABEL_RULE_PRESETS`
+    (``"qwen2.5-vl"``); a rule field given beside it must be left at its default or agree with it.
+    ``question_rewrite`` (a :class:`~.labels.QuestionRewrite` or a name of
+    :data:`~.labels.QUESTION_REWRITES`) changes the question the teacher is asked, for labelling
+    only: the record keeps its own question (the one the RPN is trained on). ``prompt`` is the
     conversation template of the questions (a :mod:`sdrpn.prompts` preset name or template; None:
     the model family's default, resolved by :class:`Labeller`). A shard is written every
     ``shard_size`` samples, and whenever samples have waited ``flush_seconds`` since the last one,
@@ -80,12 +95,46 @@ class LabelOptions:
     shard_size: int = 256
     flush_seconds: float = 60.0
     prompt: str | PromptTemplate | None = None
+    padding_is_background: bool = False
+    question_rewrite: QuestionRewrite | str | None = None
+    rules: InitVar[LabelRules | str | None] = None
+
+    def __post_init__(self, rules):
+        if isinstance(self.question_rewrite, str):
+            try:
+                object.__setattr__(self, "question_rewrite", QUESTION_REWRITES[self.question_rewrite])
+            except KeyError:
+                raise ValueError(f"unknown question rewrite {self.question_rewrite!r}; presets: "
+                                 f"{', '.join(QUESTION_REWRITES)}") from None
+        if rules is None:
+            self.label_rules  # noqa: B018 - the checks of a rule set
+            return
+        rules = LabelRules.named(rules) if isinstance(rules, str) else rules
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in rules.to_dict().items():
+            given = getattr(self, name)
+            if given != defaults[name] and given != value:
+                raise ValueError(f"{name}={given!r} contradicts the label rules' {name}={value!r}; pass the rules "
+                                 f"or the field, not both")
+            object.__setattr__(self, name, value)
+
+    @property
+    def label_rules(self) -> LabelRules:
+        """The rule set of these options."""
+        return LabelRules(self.tau_fg, self.tau_bg, self.max_box_frac, self.min_peak, self.blur_box,
+                          self.padding_is_background)
 
     def label_settings(self) -> dict:
-        """The options that change the output (batching excluded)."""
+        """The options that change the output (batching excluded). ``padding_is_background`` and
+        ``question_rewrite`` appear only when set, so that the settings of runs without them read as
+        before."""
         settings = {"heads": [list(pair) for pair in self.heads.pairs], "sink": self.sink.to_dict(),
                     "tau_fg": self.tau_fg, "tau_bg": self.tau_bg, "max_box_frac": self.max_box_frac,
                     "min_peak": self.min_peak, "blur_box": self.blur_box, "max_new_tokens": self.max_new_tokens}
+        if self.padding_is_background:
+            settings["padding_is_background"] = True
+        if self.question_rewrite is not None:
+            settings["question_rewrite"] = self.question_rewrite.to_dict()
         if self.prompt is not None:
             settings["prompt"] = template_named(self.prompt).to_dict()
         return settings
@@ -107,50 +156,106 @@ def label_template(settings: dict) -> PromptTemplate:
 
 @dataclass
 class LabelledSample:
-    """The labelling result of one record."""
+    """The labelling result of one record. ``padding`` is the view's known-background cells where the
+    view has them or the rules use them (else None); ``asked`` the question the teacher was asked
+    where a rewrite changed it (else None)."""
 
     answer: str
     grounding: torch.Tensor  # (H, W) float32
     sink: torch.Tensor       # (H, W) bool
     labels: torch.Tensor     # (H, W) int64
     valid: bool
+    padding: torch.Tensor | None = None  # (H, W) bool
+    asked: str | None = None
 
 
 class Labeller:
-    """Turns a batch of (image, question) pairs into answers and labels with one model."""
+    """Turns a batch of (image, question) pairs into answers and labels with one model.
+
+    Images are shown in the adapter's labelling view (:meth:`view`), encoded by its labelling
+    processor; labels are made on the family's ``image_grid`` (:attr:`grid`).
+    """
 
     def __init__(self, model, processor, options: LabelOptions, adapter: ModelAdapter | None = None):
-        self.reader = AttentionReader(model, processor, options.max_new_tokens, adapter, options.prompt)
-        self.adapter = adapter = self.reader.adapter
+        from ..models import adapter_for
+
+        adapter = adapter or adapter_for(model, processor)
+        self.reader = AttentionReader(model, adapter.labelling_processor(processor), options.max_new_tokens, adapter,
+                                      options.prompt)
+        self.adapter = adapter
         self.options = options = replace(options, prompt=self.reader.template)  # recorded in the settings
+        self.rules = options.label_rules
+        self.grid = tuple(int(size) for size in adapter.image_grid)
         try:
             options.heads.check(adapter.num_layers, adapter.num_heads)
         except ValueError as exc:
             raise UserError(f"--heads {options.heads}: {exc}") from None
         self.grounding_layer = min(options.heads.by_layer)
         sink_layer = options.sink.resolved_layer(self.grounding_layer)
-        if sink_layer is not None and sink_layer >= adapter.num_layers:
+        if options.sink.heads is not None:
+            try:
+                HeadSelection(options.sink.heads).check(adapter.num_layers, adapter.num_heads)
+            except ValueError as exc:
+                raise UserError(f"--sink-heads {HeadSelection(options.sink.heads)}: {exc}") from None
+        elif sink_layer is not None and sink_layer >= adapter.num_layers:
             raise UserError(f"--sink-layer {sink_layer}: the model has {adapter.num_layers} layers")
         self.request = CaptureRequest(options.heads.by_layer).merge(
             options.sink.request(self.grounding_layer, adapter.num_heads))
 
-    def labels_from(self, captured: Capture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def view(self, image) -> LabellingView:
+        """The labelling view of a source image."""
+        return self.adapter.labelling_view(image)
+
+    def unusable(self, view: LabellingView, image_size=None) -> str | None:
+        """Why a view cannot be labelled (its grid is not :attr:`grid`), or None."""
+        if tuple(view.grid) == self.grid:
+            return None
+        size = f" of this {image_size[0]}x{image_size[1]} image" if image_size is not None else ""
+        return (f"its labelling view{size} is {view.grid[0]}x{view.grid[1]} tokens, not the "
+                f"{self.grid[0]}x{self.grid[1]} grid the labels are made on (the processor's resize at the "
+                f"labelling budget)")
+
+    def labels_from(self, captured: Capture, padding: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(grounding (B, N), sink (B, N), labels (B, H, W), valid (B,))`` of a capture of
-        :attr:`request`."""
-        options = self.options
+        :attr:`request`; ``padding`` is the ``(B, H, W)`` known-background cells of the views (None:
+        none), used under rules with ``padding_is_background``."""
+        options, rules = self.options, self.rules
         grounding = grounding_map(captured.select(options.heads.by_layer), captured.query_mask)
-        sink = options.sink.detect(captured, self.grounding_layer, self.adapter.image_length)
-        labels = assign_labels(grounding, sink, self.adapter.image_grid, options.tau_fg, options.tau_bg,
-                               options.max_box_frac, options.min_peak, options.blur_box)
+        sink = options.sink.detect(captured, self.grounding_layer, grounding.shape[-1])
+        known = None
+        if rules.padding_is_background:
+            batch = grounding.shape[0]
+            known = (padding if padding is not None else torch.zeros(batch, *self.grid, dtype=torch.bool))
+            known = known.to(grounding.device)
+        labels = assign_labels(grounding, sink, self.grid, **rules.options(), known_background=known)
         return grounding, sink, labels, is_valid(labels) & captured.query_mask.any(dim=1)
 
     def label(self, images: Sequence, questions: Sequence[str]) -> list[LabelledSample]:
-        """Answer and label one batch."""
-        reading = self.reader.read(images, questions, self.request)
-        grounding, sink, labels, valid = self.labels_from(reading.capture)
-        height, width = self.adapter.image_grid
+        """Answer and label one batch: source images, or their :meth:`view` (what the job passes)."""
+        views = [image if isinstance(image, LabellingView) else self.view(image) for image in images]
+        for view in views:
+            reason = self.unusable(view)
+            if reason is not None:
+                raise ValueError(f"cannot label this image: {reason}")
+        rewrite = self.options.question_rewrite
+        asked = [rewrite.apply(question) for question in questions] if rewrite is not None else list(questions)
+        reading = self.reader.read([view.image for view in views], asked, self.request)
+        lengths = reading.capture.image_lengths
+        if lengths is not None and bool((lengths.cpu() != self.grid[0] * self.grid[1]).any()):
+            raise RuntimeError(f"the labelling processor made {lengths.tolist()} image tokens, the views' grid "
+                               f"{self.grid} holds {self.grid[0] * self.grid[1]}")
+        has_padding = self.rules.padding_is_background or any(view.padding is not None for view in views)
+        padding = None
+        if has_padding:
+            padding = torch.stack([view.padding if view.padding is not None
+                                   else torch.zeros(self.grid, dtype=torch.bool) for view in views])
+        grounding, sink, labels, valid = self.labels_from(reading.capture, padding)
+        height, width = self.grid
         return [LabelledSample(reading.texts[i], grounding[i].reshape(height, width).cpu(),
-                               sink[i].reshape(height, width).cpu(), labels[i].cpu(), bool(valid[i]))
+                               sink[i].reshape(height, width).cpu(), labels[i].cpu(), bool(valid[i]),
+                               None if padding is None else padding[i].cpu(),
+                               asked[i] if rewrite is not None else None)
                 for i in range(len(reading.answers))]
 
 
@@ -278,6 +383,9 @@ def run_label_job(
     context = distributed.launch_context()
     settings = {"format": SETTINGS_FORMAT, **run_settings, "records": records_fingerprint(records),
                 "options": options.label_settings()}
+    view = labeller.adapter.labelling_settings()
+    if view is not None:  # a view of the family's own (LLaVA's is the processor's: its geometry)
+        settings["labelling_view"] = view
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporary_files(out_dir)
@@ -339,6 +447,9 @@ class _ShardWriter:
         tensors = {"grounding": torch.stack([s.grounding for s in samples]),
                    "sink": torch.stack([s.sink for s in samples]),
                    "labels": torch.stack([s.labels for s in samples])}
+        if any(s.padding is not None for s in samples):
+            tensors["padding"] = torch.stack([s.padding if s.padding is not None else torch.zeros_like(s.sink)
+                                              for s in samples])
         write_shard(self.out_dir / shard_name(self.rank, self.sequence), tensors, rows)
         self.sequence += 1
         self.samples, self.rows = self.samples[len(samples):], self.rows[len(samples):]
@@ -376,8 +487,18 @@ def _label_batches(labeller: Labeller, records: Sequence[Record], image_root: Pa
     before runs; the records whose image cannot be used are reported and added to ``skipped``."""
     batches = [records[i:i + options.batch_size] for i in range(0, len(records), options.batch_size)]
 
+    def open_view(record):
+        image, mode_or_issue = open_record_image(image_root, record)
+        if image is None:
+            return None, mode_or_issue
+        view = labeller.view(image)
+        reason = labeller.unusable(view, image.size)
+        if reason is not None:
+            return None, RecordIssue(record.file, record.line, reason, record.question_id)
+        return view, mode_or_issue
+
     def open_images(batch):
-        return [open_record_image(image_root, record) for record in batch]
+        return [open_view(record) for record in batch]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         loading = [pool.submit(open_images, batch) for batch in batches[:1]]
@@ -393,12 +514,14 @@ def _label_batches(labeller: Labeller, records: Sequence[Record], image_root: Pa
                 else:
                     usable.append((record, image, mode_or_issue))
             if usable:
-                results = labeller.label([image for _, image, _ in usable], [r.question for r, _, _ in usable])
+                results = labeller.label([view for _, view, _ in usable], [r.question for r, _, _ in usable])
                 for (record, _, mode), result in zip(usable, results):
-                    writer.add(result, {"record": record.index, "question_id": record.question_id,
-                                        "image": record.image, "question": record.question,
-                                        "answer": result.answer, "valid": result.valid,
-                                        "file": record.file, "line": record.line, "image_mode": mode})
+                    row = {"record": record.index, "question_id": record.question_id, "image": record.image,
+                           "question": record.question, "answer": result.answer, "valid": result.valid,
+                           "file": record.file, "line": record.line, "image_mode": mode}
+                    if result.asked is not None:
+                        row["asked"] = result.asked  # the question the teacher answered (a rewrite)
+                    writer.add(result, row)
                     summary.labelled += 1
                     summary.valid += int(result.valid)
             writer.flush_if_due()
@@ -412,4 +535,4 @@ def run_settings_for(model_path: str | Path, adapter: ModelAdapter, data_path: s
     reads the image root from them)."""
     return {"model": str(Path(model_path).resolve()), "model_config": adapter.config_fingerprint(),
             "data": str(Path(data_path).resolve()), "image_root": str(Path(image_root).resolve()),
-            "max_samples": max_samples, "geometry": adapter.geometry.mode}
+            "max_samples": max_samples, "geometry": adapter.geometry.mode if adapter.geometry is not None else None}

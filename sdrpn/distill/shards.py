@@ -3,7 +3,9 @@
 A labelling run writes its output directory as:
 
 * ``shard-r<rank>-<seq>.safetensors``: ``grounding`` (n, H, W) float16, ``sink`` (n, H, W) bool
-  and ``labels`` (n, H, W) int8 (1 fg, 0 bg, -100 ignore) for n samples. The shard's metadata
+  and ``labels`` (n, H, W) int8 (1 fg, 0 bg, -100 ignore) for n samples, and where the labelling view
+  has cells without image (Qwen2.5-VL's grey square) or the label rules use them, ``padding``
+  (n, H, W) bool: those cells, for whatever re-derives the labels. The shard's metadata
   holds the samples' index rows as JSON, so a shard is self-describing: the index can always be
   rebuilt from the shards alone.
 * ``index.jsonl``: one line per sample, in input order: ``question_id, image, question, answer,
@@ -32,6 +34,8 @@ INDEX_NAME = "index.jsonl"
 SHARD_PATTERN = re.compile(r"^shard-r(\d+)-(\d+)\.safetensors$")
 TEMPORARY_MARK = ".tmp-"
 TENSOR_DTYPES = {"grounding": torch.float16, "sink": torch.bool, "labels": torch.int8}
+# Tensors a shard may hold besides those (older shards and LLaVA's views have none of them).
+OPTIONAL_TENSOR_DTYPES = {"padding": torch.bool}
 
 
 class ShardError(RuntimeError):
@@ -94,13 +98,16 @@ def next_sequence(directory: str | Path, rank: int) -> int:
 
 
 def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], rows: list[dict]) -> None:
-    """Atomically write one shard: ``tensors`` (see :data:`TENSOR_DTYPES`) and their index rows."""
-    if set(tensors) != set(TENSOR_DTYPES):
-        raise ValueError(f"a shard holds exactly {sorted(TENSOR_DTYPES)}, got {sorted(tensors)}")
+    """Atomically write one shard: ``tensors`` (see :data:`TENSOR_DTYPES`, and optionally
+    :data:`OPTIONAL_TENSOR_DTYPES`) and their index rows."""
+    if not _known_tensors(tensors):
+        raise ValueError(f"a shard holds exactly {sorted(TENSOR_DTYPES)} (and optionally "
+                         f"{sorted(OPTIONAL_TENSOR_DTYPES)}), got {sorted(tensors)}")
     for name, tensor in tensors.items():
         if tensor.shape[0] != len(rows):
             raise ValueError(f"{name} has {tensor.shape[0]} samples for {len(rows)} index rows")
-    converted = {name: tensors[name].detach().to("cpu", TENSOR_DTYPES[name]).contiguous() for name in TENSOR_DTYPES}
+    dtypes = {**TENSOR_DTYPES, **OPTIONAL_TENSOR_DTYPES}
+    converted = {name: tensors[name].detach().to("cpu", dtypes[name]).contiguous() for name in tensors}
     atomic_write(path, save(converted, metadata={"format": FORMAT, "rows": json.dumps(rows)}))
 
 
@@ -116,9 +123,15 @@ def read_shard(path: str | Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
     if metadata.get("format") != FORMAT:
         raise ShardError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
     rows = json.loads(metadata["rows"])
-    if set(tensors) != set(TENSOR_DTYPES) or any(t.shape[0] != len(rows) for t in tensors.values()):
+    if not _known_tensors(tensors) or any(t.shape[0] != len(rows) for t in tensors.values()):
         raise ShardError(f"{path}: tensors {sorted(tensors)} do not match its {len(rows)} index rows")
     return tensors, rows
+
+
+def _known_tensors(tensors: dict) -> bool:
+    """Whether a shard's tensor names are the required ones plus optional ones only."""
+    names = set(tensors)
+    return set(TENSOR_DTYPES) <= names <= set(TENSOR_DTYPES) | set(OPTIONAL_TENSOR_DTYPES)
 
 
 def read_shard_rows(path: str | Path) -> list[dict]:

@@ -19,6 +19,11 @@ Two ablations of the paper's choices train on other targets made from the same s
 the 3-valued labels, and ``keep_sinks`` recomputes the labels without zeroing the sink tokens. The
 held-out metrics always use the 3-valued labels of the chosen sink setting, so runs compare.
 
+The backbone shows every image in the labelling view the labels were made on (the adapter's
+:meth:`~sdrpn.models.base.ModelAdapter.labelling_view` through its labelling processor: LLaVA's
+processor as it is, Qwen2.5-VL's grey square at the authors' fixed pixel budget), with the family's
+rotary positions (M-RoPE for Qwen), which the RPN head then reads too.
+
 The RPN records what it was trained with, for the engine to match: the conversation template of
 the labels (``sdrpn label --prompt``; labels that did not record one used the processor's chat
 template), the index of the first image token under it, and the processor's base view geometry.
@@ -138,7 +143,9 @@ class TrainOptions:
 @dataclass(frozen=True)
 class TrainSample:
     """One labelled sample: which record, its question and image, its (H, W) int8 labels, and the
-    (N,) float16 grounding map and bool sink mask they were made from."""
+    (N,) float16 grounding map and bool sink mask they were made from; ``padding`` the (N,) bool
+    cells of the labelling view that hold no image, under label rules that make them known
+    background (``padding_is_background``; else None)."""
 
     record: int
     question: str
@@ -146,6 +153,7 @@ class TrainSample:
     labels: torch.Tensor
     grounding: torch.Tensor
     sink: torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 @dataclass
@@ -166,6 +174,8 @@ def read_label_set(directory: str | Path, image_root: str | Path | None = None) 
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"--labels {directory}: not a finished `sdrpn label` output ({exc})") from None
     root = Path(image_root) if image_root is not None else Path(settings.get("image_root", "."))
+    # The padding cells of the views matter under rules that make them known background.
+    with_padding = bool(settings.get("options", {}).get("padding_is_background", False))
     shards: dict[str, dict] = {}
     samples = []
     for row in index:
@@ -174,33 +184,45 @@ def read_label_set(directory: str | Path, image_root: str | Path | None = None) 
         if row["shard"] not in shards:
             shards[row["shard"]] = read_shard(directory / row["shard"])[0]
         tensors, position = shards[row["shard"]], row["row"]
+        padding = tensors["padding"][position].flatten() if with_padding and "padding" in tensors else None
         samples.append(TrainSample(row["record"], row["question"], row["image"], tensors["labels"][position],
-                                   tensors["grounding"][position].flatten(), tensors["sink"][position].flatten()))
+                                   tensors["grounding"][position].flatten(), tensors["sink"][position].flatten(),
+                                   padding))
     return LabelSet(samples, settings, root)
 
 
 def keep_sink_labels(samples: Sequence[TrainSample], settings: dict) -> list[TrainSample]:
     """The samples as if no token were a sink: empty sink masks, and labels recomputed from the
-    stored grounding with the label run's rules (``settings``: its run.json)."""
+    stored grounding with the label run's rules (``settings``: its run.json). Under rules whose
+    padding cells are known background (``padding_is_background``, the authors' Qwen2.5-VL rules)
+    the padding cells the shards stored stay so: they are no sinks the detector found."""
     options = settings.get("options", {})
     missing = [key for key in LABEL_RULES if key not in options]
     if missing:
         raise UserError(f"the label run's run.json lacks {', '.join(missing)}: cannot recompute its labels "
                         f"for --keep-sinks")
     rules = {key: options[key] for key in LABEL_RULES}
+    with_padding = bool(options.get("padding_is_background", False))
+    if with_padding and any(sample.padding is None for sample in samples):
+        raise UserError("the label run's rules treat the padding cells of its views as background, but its shards "
+                        "do not hold them: cannot recompute its labels for --keep-sinks")
     relabelled = []
     for start in range(0, len(samples), RELABEL_CHUNK):
         chunk = samples[start:start + RELABEL_CHUNK]
         grounding = torch.stack([sample.grounding for sample in chunk]).float()
         no_sink = torch.zeros_like(grounding, dtype=torch.bool)
-        labels = assign_labels(grounding, no_sink, tuple(chunk[0].labels.shape), **rules).to(torch.int8)
+        grid = tuple(chunk[0].labels.shape)
+        known = torch.stack([sample.padding for sample in chunk]).reshape(-1, *grid) if with_padding else None
+        labels = assign_labels(grounding, no_sink, grid, **rules, known_background=known).to(torch.int8)
         relabelled += [replace(sample, labels=labels[i], sink=no_sink[i]) for i, sample in enumerate(chunk)]
     return relabelled
 
 
 def sink_free_grounding(sample: TrainSample) -> torch.Tensor:
-    """(N,) float32 grounding with the sample's sink tokens zeroed."""
-    return sample.grounding.float().masked_fill(sample.sink, 0.0)
+    """(N,) float32 grounding with the sample's sink tokens zeroed (and its padding cells, under label
+    rules that make them known background: the labels saw the map so)."""
+    grounding = sample.grounding.float().masked_fill(sample.sink, 0.0)
+    return grounding if sample.padding is None else grounding.masked_fill(sample.padding, 0.0)
 
 
 def training_samples(label_set: LabelSet, keep_sinks: bool) -> list[TrainSample]:
@@ -246,6 +268,7 @@ class FeatureBatch:
     attention_mask: torch.Tensor  # (B, S) bool
     image_start: torch.Tensor     # (B,) int64
     labels: torch.Tensor          # (B, N) int64
+    rope_position_ids: torch.Tensor | None = None  # (P, B, S) rotary positions (multi-axis RoPE), else None
 
     @property
     def query_index(self) -> int:
@@ -256,14 +279,17 @@ class Backbone:
     """Layers ``0 .. K-1`` of the frozen model, without autograd, with an optional disk cache.
 
     Per sample it yields the states entering layer K over the real prompt tokens (the sequence
-    ends at the query token) and the position of the first image token in it. The questions are
-    asked in the conversation template ``prompt`` (None: the model family's default).
+    ends at the query token), the position of the first image token in it and, for multi-axis RoPE,
+    the tokens' rotary positions. The questions are asked in the conversation template ``prompt``
+    (None: the model family's default), about the images' labelling views (what the labels were made
+    on: :meth:`~sdrpn.models.base.ModelAdapter.labelling_view`, encoded by the adapter's labelling
+    processor).
     """
 
     def __init__(self, model, processor, adapter: ModelAdapter, start_layer: int, image_root: Path,
                  cache_dir: str | Path | None = None, prompt=None):
         self.model = model
-        self.processor = processor
+        self.processor = adapter.labelling_processor(processor)
         self.adapter = adapter
         self.start_layer = start_layer
         self.image_root = image_root
@@ -274,9 +300,13 @@ class Backbone:
             self._check_cache()
 
     def _check_cache(self) -> None:
+        geometry = self.adapter.geometry
         identity = {"model": self.adapter.config_fingerprint(), "start_layer": self.start_layer,
                     "dtype": str(self.adapter.dtype), "prompt": self.template.to_dict(),
-                    "geometry": self.adapter.geometry.mode}
+                    "geometry": geometry.mode if geometry is not None else None}
+        view = self.adapter.labelling_settings()
+        if view is not None:  # a view of the family's own (LLaVA's is the processor's: its geometry)
+            identity["labelling_view"] = view
         path = self.cache_dir / "cache.json"
         if path.exists():
             # Caches that did not record the template and geometry were made with the processor's
@@ -293,58 +323,77 @@ class Backbone:
         return self.cache_dir / f"{sample.record:09d}.safetensors"
 
     @torch.no_grad()
-    def _compute(self, samples: Sequence[TrainSample]) -> list[tuple[torch.Tensor, int]]:
-        images = []
+    def _compute(self, samples: Sequence[TrainSample]) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+        adapter = self.adapter
+        grid = tuple(int(size) for size in adapter.image_grid)
+        views = []
         for sample in samples:
             try:
-                images.append(open_rgb_image(self.image_root, sample.image)[0])
+                image = open_rgb_image(self.image_root, sample.image)[0]
             except RecordProblem as problem:
                 raise UserError(f"training sample {sample.record}: {problem} (pass --image-root)") from None
+            view = adapter.labelling_view(image)
+            if tuple(view.grid) != grid or tuple(sample.labels.shape) != grid:
+                raise UserError(f"training sample {sample.record}: its labelling view is {view.grid[0]}x{view.grid[1]} "
+                                f"tokens and its labels {tuple(sample.labels.shape)}; the RPN is trained on "
+                                f"{grid[0]}x{grid[1]}")
+            views.append(view.image)
         prompts = [self.template.render(sample.question, self.processor) for sample in samples]
-        encoded = self.processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
-        inputs = self.adapter.embed(encoded["input_ids"], encoded["pixel_values"], encoded["attention_mask"])
-        hidden = self.adapter.run_layers(inputs.inputs_embeds, 0, self.start_layer, inputs.position_ids,
-                                         inputs.attention_mask)
+        encoded = self.processor(images=views, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        names = adapter.vision_input_names
+        vision = encoded[names[0]] if len(names) == 1 else {name: encoded[name] for name in names}
+        inputs = adapter.embed(encoded["input_ids"], vision, encoded["attention_mask"])
+        hidden = adapter.run_layers(inputs.inputs_embeds, 0, self.start_layer, inputs.position_ids,
+                                    inputs.attention_mask, None, inputs.rope_position_ids, inputs.layer_additions)
         features = []
         for row in range(len(samples)):
             real = inputs.attention_mask[row]
             first = int(real.int().argmax())
-            features.append((hidden[row, first:], int(inputs.image_start[row]) - first))
+            rope = None if inputs.rope_position_ids is None else inputs.rope_position_ids[:, row, first:]
+            features.append((hidden[row, first:], int(inputs.image_start[row]) - first, rope))
         return features
 
     def __call__(self, samples: Sequence[TrainSample], device: torch.device) -> FeatureBatch:
         """Layer-K inputs of ``samples``, left-padded into one batch on ``device``."""
-        features: dict[int, tuple[torch.Tensor, int]] = {}
+        features: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         missing = []
         for position, sample in enumerate(samples):
             path = self._cache_path(sample) if self.cache_dir is not None else None
             if path is not None and path.exists():
                 stored = load_file(path)
-                features[position] = (stored["hidden"], int(stored["image_start"]))
+                features[position] = (stored["hidden"], int(stored["image_start"]), stored.get("rope"))
             else:
                 missing.append(position)
         if missing:
             for position, feature in zip(missing, self._compute([samples[p] for p in missing])):
                 features[position] = feature
                 if self.cache_dir is not None:
-                    data = save({"hidden": feature[0].cpu().contiguous(), "image_start": torch.tensor(feature[1])})
-                    atomic_write(self._cache_path(samples[position]), data)
+                    tensors = {"hidden": feature[0].cpu().contiguous(), "image_start": torch.tensor(feature[1])}
+                    if feature[2] is not None:
+                        tensors["rope"] = feature[2].cpu().contiguous()
+                    atomic_write(self._cache_path(samples[position]), save(tensors))
         return self._collate([features[p] for p in range(len(samples))], samples, device)
 
     @staticmethod
     def _collate(features, samples, device) -> FeatureBatch:
-        length = max(hidden.shape[0] for hidden, _ in features)
+        length = max(feature[0].shape[0] for feature in features)
         width = features[0][0].shape[-1]
         hidden = torch.zeros(len(features), length, width, dtype=features[0][0].dtype, device=device)
         mask = torch.zeros(len(features), length, dtype=torch.bool, device=device)
+        ropes = [feature[2] for feature in features]
+        rope = None
+        if ropes[0] is not None:
+            rope = torch.zeros(ropes[0].shape[0], len(features), length, dtype=torch.int64, device=device)
         starts = []
-        for row, (states, image_start) in enumerate(features):
+        for row, (states, image_start, *_) in enumerate(features):
             pad = length - states.shape[0]
             hidden[row, pad:] = states.to(device)
             mask[row, pad:] = True
+            if rope is not None:
+                rope[:, row, pad:] = ropes[row].to(device)
             starts.append(pad + image_start)
         labels = torch.stack([sample.labels.flatten() for sample in samples]).to(device, torch.int64)
-        return FeatureBatch(hidden, mask, torch.tensor(starts, device=device), labels)
+        return FeatureBatch(hidden, mask, torch.tensor(starts, device=device), labels, rope)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,6 +521,10 @@ class Trainer:
         self.steps_per_epoch = len(train) // options.batch_size
         self.total_steps = options.max_steps or options.epochs * self.steps_per_epoch
         template = label_template(label_set.settings)
+        recorded_view = label_set.settings.get("labelling_view")
+        if recorded_view is not None and recorded_view != self.adapter.labelling_settings():
+            raise UserError(f"the labels were made on the labelling view {recorded_view}, but this model's is "
+                            f"{self.adapter.labelling_settings()}")
         self.backbone = Backbone(model, processor, self.adapter, options.start_layer, label_set.image_root, cache_dir,
                                  template)
 
@@ -479,7 +532,8 @@ class Trainer:
         threshold = {} if options.threshold is None else {"threshold": options.threshold}
         self.rpn = RPN.from_model(self.adapter, options.start_layer, options.num_blocks, labels=labels,
                                   prompt=template, image_start=prompt_image_start(processor, template, self.adapter),
-                                  geometry=self.adapter.geometry.mode, **threshold).float().to(self.device)
+                                  geometry=None if self.adapter.geometry is None else self.adapter.geometry.mode,
+                                  **threshold).float().to(self.device)
         self.rpn.requires_grad_(True)  # copied from the frozen model
         self.rpn.train()
         self.module = self.rpn
@@ -550,7 +604,7 @@ class Trainer:
             sync = number == self.options.grad_accum - 1 or not self.context.distributed
             with (contextlib.nullcontext() if sync else self.module.no_sync()), self._autocast():
                 logits = self.module(features.hidden.float(), features.query_index, features.image_start,
-                                     features.attention_mask)
+                                     features.attention_mask, rope_position_ids=features.rope_position_ids)
                 loss, _ = bce_sum(logits, my_targets[start:start + micro].to(self.device))
                 # DDP averages gradients over processes; scale so that they add up to the global mean.
                 (loss * self.context.world_size / max(total_cells, 1)).backward()
@@ -577,7 +631,7 @@ class Trainer:
             features = self.backbone(mine[start:start + size], self.device)
             with self._autocast():
                 logits = self.rpn(features.hidden.float(), features.query_index, features.image_start,
-                                  features.attention_mask)
+                                  features.attention_mask, rope_position_ids=features.rope_position_ids)
             for key, value in roi_statistics(logits, features.labels, self.options.iou_threshold).items():
                 totals[key] += value
             totals["iou_sums"] += roi_iou_sums(logits, features.labels, self.rpn.image_grid)

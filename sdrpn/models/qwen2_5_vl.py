@@ -262,7 +262,7 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         if (found.min_pixels, found.max_pixels) != (geometry.min_pixels, geometry.max_pixels):
             raise ValueError(f"cannot set the labelling budget of {type(image_processor).__name__}: it reads "
                              f"{found.min_pixels}..{found.max_pixels} pixels")
-        if budgeted is not image_processor and processor is not image_processor:
+        if processor is not image_processor:  # a processor: a copy holding the budgeted image processor
             processor = copy.copy(processor)
             processor.image_processor = budgeted
             return processor
