@@ -97,26 +97,42 @@ def roi_figure(engine, image: Image.Image, question: str, with_rpn, without, thr
     """
     import torch
 
+    from .eval.predictors import vision_input
     from .roi import MODE_MASK
 
+    adapter = engine.adapter
     inputs = engine.processor(images=[image], text=[engine.prompt(prompt or question)], return_tensors="pt")
-    inputs = {name: value.to(engine.adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
-    roi = engine.predict_roi(**inputs, images=[image], threshold=threshold)
-    rows, cols = engine.adapter.image_grid
-    extent = engine.adapter.geometry.transform(image.size).grid_to_source((0, 0, cols, rows), (rows, cols),
-                                                                           clip=False)
+    inputs = {name: value.to(adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
+    vision = vision_input(adapter, inputs)
+    roi = engine.predict_roi(input_ids=inputs["input_ids"], pixel_values=vision,
+                             attention_mask=inputs.get("attention_mask"), images=[image], threshold=threshold)
+    rows, cols = adapter.view_grids(vision)[0]
+    extent = view_extent(adapter, image.size, (rows, cols))
     mode = int(roi.mode[0])
     crop = None
+    cells = roi.cells[0, :rows, :cols].cpu().numpy()
     if mode > 0:
         crop_box = tuple(int(v) for v in roi.crops[0].tolist())
-        crop = _seen_crop(image, crop_box, roi.cells[0].cpu().numpy(), extent, masked=mode == MODE_MASK)
+        crop = _seen_crop(image, crop_box, cells, extent, masked=mode == MODE_MASK)
     return RoIFigure(
-        image=image, probability=roi.prob[0].float().cpu().numpy(), mask=roi.mask[0].cpu().numpy(),
+        image=image, probability=roi.prob[0, :rows, :cols].float().cpu().numpy(),
+        mask=roi.mask[0, :rows, :cols].cpu().numpy(),
         grid_extent=extent, boxes=with_rpn.boxes, crop=crop, question=question,
         answer_with=with_rpn.shown_text, answer_without=without.shown_text,
         details=(f"threshold {threshold:g} · visual tokens {without.visual_tokens} -> {with_rpn.visual_tokens} · "
                  f"latency {latency_s:.2f} s with SD-RPN"),
     )
+
+
+def view_extent(adapter, size: tuple[int, int], grid: tuple[int, int]) -> Sequence[float]:
+    """``[x0, y0, x1, y1]`` in source pixels that a view's whole token ``grid`` covers, for an image of
+    ``size`` (width, height). With a fixed view geometry (``adapter.geometry``, LLaVA) it may reach
+    past the image (padding); views that resize the whole image (Qwen's smart resize, no ``geometry``)
+    cover the image exactly."""
+    rows, cols = grid
+    if adapter.geometry is not None:
+        return adapter.geometry.transform(size).grid_to_source((0, 0, cols, rows), (rows, cols), clip=False)
+    return [0.0, 0.0, float(size[0]), float(size[1])]
 
 
 def _font(size: int):

@@ -218,15 +218,17 @@ def warn_if_cpu_bfloat16_is_emulated(option: str, alternative: str) -> None:
               file=sys.stderr)
 
 
-def _check_checkpoint(path: Path) -> None:
+def _check_checkpoint(path: Path) -> dict:
+    """The checkpoint's config.json; a directory without a readable one is a user error."""
     config = path / "config.json"
     if not config.is_file():
         raise UserError(f"--model {path}: not a Hugging Face checkpoint directory (no config.json); "
                         f"the model is never downloaded, pass a local directory")
     try:
-        json.loads(config.read_text())
+        data = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"--model {path}: config.json is not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
 
 
 def load_model(args: argparse.Namespace):
@@ -237,12 +239,12 @@ def load_model(args: argparse.Namespace):
     geometry, "pad" or "crop"); one line on stderr says when that changed the processor."""
     import transformers
 
-    _check_checkpoint(args.model)
+    config = _check_checkpoint(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     transformers.utils.logging.disable_progress_bar()  # a per-tensor loading bar is noise on a command line
+    processor = load_processor(args.model, config.get("model_type"))
     try:
-        processor = transformers.AutoProcessor.from_pretrained(args.model, local_files_only=True)
         model = transformers.AutoModelForImageTextToText.from_pretrained(
             args.model, dtype="auto" if dtype is None else dtype,
             attn_implementation=args.attn_implementation, local_files_only=True)
@@ -252,6 +254,48 @@ def load_model(args: argparse.Namespace):
         raise UserError(f"--model {args.model}: cannot load the checkpoint ({exc})") from exc
     _match_rpn_geometry(args, model, processor)
     return model.to(device).eval(), processor
+
+
+def load_processor(path: Path, model_type: str | None = None):
+    """The processor of the local checkpoint ``path`` (``config.json``'s ``model_type`` given), from
+    local files only: ``AutoProcessor``, or, where that fails only because torchvision is not
+    installed, the same processor built without it for the families that need no torchvision for
+    images (:data:`sdrpn.models.processors.TORCHVISION_FREE_PROCESSORS`; one line on stderr says so, once per process)."""
+    import transformers
+
+    from ..models.processors import TORCHVISION_FREE_PROCESSORS, only_torchvision_missing
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as exc:
+        build = TORCHVISION_FREE_PROCESSORS.get(model_type)
+        if build is None or not only_torchvision_missing(exc):
+            raise UserError(f"--model {path}: cannot load the processor ({_first_line(exc)})") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--model {path}: cannot load the processor ({_first_line(exc)})") from exc
+    try:
+        processor = build(path)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise UserError(f"--model {path}: cannot load the processor without torchvision ({_first_line(exc)})") from exc
+    _say_once(f"sdrpn: torchvision is not installed, which transformers' {type(processor).__name__} needs for its "
+              f"video processor only: built it from the checkpoint's tokenizer, chat template and "
+              f"preprocessor_config.json with the PIL image processor ({type(processor.image_processor).__name__}) "
+              f"and no video processor; images are processed as usual, videos are refused")
+    return processor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr)
 
 
 def _recorded_geometry(rpn_dir: Path) -> str | None:
@@ -275,7 +319,10 @@ def match_processor_geometry(model, processor, geometry: str, source: str) -> No
     changes it (``source``: what asks for that geometry)."""
     from ..models import adapter_for
 
-    if adapter_for(model).set_processor_geometry(processor, geometry):
+    adapter = adapter_for(model)
+    if adapter.geometry is None:  # views that keep the image's aspect ratio (Qwen): no geometry to set
+        return
+    if adapter.set_processor_geometry(processor, geometry):
         print(f"sdrpn: {source} {geometry!r} base views: the processor now "
               f"{'pads images to a square' if geometry == 'pad' else 'centre-crops images'} "
               f"(image_processor.do_pad = {geometry == 'pad'})", file=sys.stderr)

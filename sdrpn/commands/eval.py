@@ -43,11 +43,13 @@ Benchmarks and what --data points at:
 """ + "\n".join(f"  {name:9s} {spec.description}" for name, spec in BENCHMARKS.items()) + """
 
 Every method answers the same prompts: the conversation template the RPN was trained with (--prompt
-overrides it for all of them; without --rpn, the model family's). Predictions are appended to
-<out stem>.<method>.jsonl beside --out as they are produced; a rerun resumes them when the settings
-and the RPN's weights are the same. A question that cannot be used (a line that is not JSON, a
-missing field, an image that is missing or unreadable) is reported with its file, line and reason,
-skipped and counted in the summary."""
+overrides it for all of them; without --rpn, the model family's: vicuna_v1 for LLaVA, the
+checkpoint's chat template for Qwen2.5-VL). The per-benchmark RoI thresholds are the authors'
+LLaVA-1.5 presets; Qwen2.5-VL uses the RPN's threshold (0.25) everywhere, as the authors do.
+Predictions are appended to <out stem>.<method>.jsonl beside --out as they are produced; a rerun
+resumes them when the settings and the RPN's weights are the same. A question that cannot be used
+(a line that is not JSON, a missing field, an image that is missing or unreadable) is reported with
+its file, line and reason, skipped and counted in the summary."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--method", nargs="+", metavar="METHOD",
                      help="methods to evaluate (default: sdrpn): "
                           "baseline, sdrpn, sdrpn-reference, sdrpn-attention, res-scaling, vicrop")
-    run.add_argument("--strategy", choices=("mask", "box"), default="mask",
+    run.add_argument("--strategy", choices=("mask", "box", "masked"),
                      help="RoI upscaling of the SD-RPN methods: box for one component, masked for more "
-                          "(mask, the default), or always the box enclosing the mask (box)")
+                          "(mask, LLaVA-1.5's), always the box enclosing the mask (box), or masked upscaling "
+                          "of the box around the whole mask (masked, Qwen2.5-VL's) (default: the model family's)")
     add_threshold_argument(run, "the benchmark's preset, e.g. 0.15 for TextVQA and 0.1 for DocVQA, else the "
-                                "RPN's default, 0.15 for LLaVA-1.5")
+                                "RPN's default, 0.15 for LLaVA-1.5, 0.25 for Qwen2.5-VL")
     add_prompt_argument(run, "the one the RPN was trained with, for every method, else the model family's")
     add_max_regions_argument(run)
     run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..eval import report, runner
     from ..eval.datasets import OPTION_ANSWER, SHORT_ANSWER, get_benchmark
-    from ..eval.predictors import RPN_METHODS, EnginePredictor, build_engine, check_methods, resolve_threshold
+    from ..eval.predictors import (RPN_METHODS, EnginePredictor, build_engine, check_family_methods, check_methods,
+                                   resolve_threshold)
     from ..issues import issues_summary, report_issue
     from .common import load_model, load_rpn, resolve_device
 
@@ -130,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
         report_issue("eval", issue)
     methods = args.method or ["sdrpn"]
     check_methods(methods, has_rpn=args.rpn is not None)
-    threshold = args.threshold if args.threshold is not None else benchmark.threshold
     metric = args.metric or benchmark.metric
     choice_scoring = args.choice_scoring or benchmark.choice_scoring
 
@@ -139,9 +142,11 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group(device=args.device):
         model, processor = load_model(args)
         rpn = load_rpn(args, model)
-        threshold = resolve_threshold(rpn, threshold) if rpn is not None else None
         engine = build_engine(model, processor, rpn, strategy=args.strategy, max_regions=args.max_regions,
                               prompt=args.prompt)
+        check_family_methods(methods, engine.adapter)
+        threshold = args.threshold if args.threshold is not None else benchmark_threshold(benchmark, engine.adapter)
+        threshold = resolve_threshold(rpn, threshold) if rpn is not None else None
         rpn_facts = _rpn_facts(args.rpn) if rpn is not None else {}
         for method in methods:
             predictor = EnginePredictor(engine, method, threshold=threshold, max_new_tokens=args.max_new_tokens)
@@ -180,6 +185,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{skipped} (each reported above)")
     print(f"results: {args.out}")
     return 0
+
+
+def benchmark_threshold(benchmark, adapter) -> float | None:
+    """The benchmark's RoI threshold preset for the model family (None: the RPN's default).
+
+    The presets (``sdrpn.roi.THRESHOLDS``) are the authors' LLaVA-1.5 values. Their Qwen2.5-VL
+    inference hard-codes 0.25 for every benchmark (their per-benchmark values never reach the
+    model), which is that family's RPN default; so only LLaVA takes the presets
+    (``adapter.per_benchmark_thresholds``).
+    """
+    return benchmark.threshold if adapter.per_benchmark_thresholds else None
 
 
 def _answerable(samples, issues) -> list:

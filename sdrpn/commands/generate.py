@@ -22,7 +22,8 @@ EPILOG = """\
       --threshold calibrated
 
 The prompt follows the conversation template the RPN was trained with (--prompt overrides it);
-without --rpn (baseline, res-scaling, vicrop), the model family's (vicuna_v1 for LLaVA).
+without --rpn (baseline, res-scaling, vicrop), the model family's (vicuna_v1 for LLaVA, the
+checkpoint's own chat template for Qwen2.5-VL).
 RoI boxes are [x0, y0, x1, y1) in pixels of the source image. The latency is the wall time of the
 generation call (the first call of a process includes one-time setup)."""
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--question", required=True, help="the question about the image")
     query.add_argument("--method", default="sdrpn",
                        help="sdrpn (default), baseline, sdrpn-reference, res-scaling or vicrop")
-    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5")
+    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5, 0.25 for Qwen2.5-VL")
     add_prompt_argument(query, "the one the RPN was trained with, else the model family's")
     add_max_regions_argument(query)
     query.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.datasets import open_image
-    from ..eval.predictors import EnginePredictor, build_engine, check_methods, resolve_threshold
+    from ..eval.predictors import EnginePredictor, build_engine, check_family_methods, check_methods, resolve_threshold
     from .common import load_model, load_rpn
 
     image = open_image(args.image)
@@ -55,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(args)
     rpn = load_rpn(args, model)
     engine = build_engine(model, processor, rpn, max_regions=args.max_regions, prompt=args.prompt)
+    check_family_methods([args.method], engine.adapter)
     threshold = resolve_threshold(rpn, args.threshold) if rpn is not None else None
     predictor = EnginePredictor(engine, args.method, threshold=threshold, max_new_tokens=args.max_new_tokens)
     result = predictor.run([image], [question])
     prediction = result.predictions[0]
-    original = engine.adapter.image_length
+    original = result.view_tokens[0] if result.view_tokens else None
     report = {
         "image": str(args.image), "question": question, "method": args.method,
         **{key: value for key, value in predictor.settings.items() if key in ("threshold", "strategy", "max_regions")},
@@ -79,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _visual_tokens(prediction, original: int) -> str:
-    """The visual token count, split into the original view and the RoI view where there is one."""
-    extra = prediction.visual_tokens - original
+def _visual_tokens(prediction, original: int | None) -> str:
+    """The visual token count, split into the original view (``original`` tokens; None: not known)
+    and the RoI view where there is one."""
+    extra = prediction.visual_tokens - original if original is not None else 0
     if not extra:
         return str(prediction.visual_tokens)
     if prediction.boxes:

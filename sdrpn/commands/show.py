@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--image", required=True, type=existing_file, metavar="FILE", help="the image")
     query.add_argument("--question", required=True, help="the question about the image")
     query.add_argument("--out", required=True, type=Path, metavar="PNG", help="where to write the picture")
-    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5")
+    add_threshold_argument(query, "the RPN's default, 0.15 for LLaVA-1.5, 0.25 for Qwen2.5-VL")
     add_prompt_argument(query, "the one the RPN was trained with")
     add_max_regions_argument(query)
     query.add_argument("--size", type=positive_int, default=512, metavar="PX",

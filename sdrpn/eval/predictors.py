@@ -45,21 +45,40 @@ def check_methods(names: Sequence[str], has_rpn: bool) -> None:
                         f"{free} need none")
 
 
-def build_engine(model, processor, rpn=None, threshold: float | None = None, strategy: str = "mask",
+# Methods that cut and resize views themselves in a fixed view geometry (``adapter.geometry``: LLaVA's
+# square views); families whose processor sizes each view (Qwen2.5-VL) cannot run them yet.
+FIXED_VIEW_METHODS = ("res-scaling", "vicrop")
+
+
+def check_family_methods(names: Sequence[str], adapter) -> None:
+    """Refuse methods the loaded model's family cannot run, saying which it can."""
+    if adapter.geometry is not None:
+        return
+    refused = [name for name in names if name in FIXED_VIEW_METHODS]
+    if refused:
+        runnable = ", ".join(name for name in available_methods() if name not in FIXED_VIEW_METHODS)
+        raise UserError(f"{', '.join(refused)}: not available for {adapter.family} models, whose processor sizes "
+                        f"each view by the image (these baselines cut and stretch views of one fixed size); "
+                        f"available: {runnable}")
+
+
+def build_engine(model, processor, rpn=None, threshold: float | None = None, strategy: str | None = None,
                  max_regions: int | None = None, prompt: str | None = None):
-    """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` the
-    ``max_regions`` strongest RoI components (None: all), with the ``prompt`` template (None: the
-    RPN's). Without an RPN it runs only the methods that need none, in the model family's template
-    unless ``prompt`` names one."""
+    """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` (None: the model
+    family's rule, "mask" for LLaVA-1.5, "masked" for Qwen2.5-VL) the ``max_regions`` strongest RoI
+    components (None: all), with the family's other RoI settings (``adapter.roi_defaults``) and
+    the ``prompt`` template (None: the RPN's). Without an RPN it runs only the methods that need
+    none, in the model family's template unless ``prompt`` names one."""
     from ..engine import SDRPN
     from ..models import adapter_for
     from ..prompts import template_for
     from ..roi import RoIOptions
 
+    adapter = adapter_for(model, processor)
     if rpn is None:
-        rpn, prompt = _stand_in_rpn(model), template_for(prompt, adapter_for(model, processor))
-    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold,
-                 roi_options=RoIOptions(max_regions=max_regions), prompt=prompt)
+        rpn, prompt = _stand_in_rpn(model), template_for(prompt, adapter)
+    options = RoIOptions(**{**adapter.roi_defaults, "max_regions": max_regions})
+    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold, roi_options=options, prompt=prompt)
 
 
 def _stand_in_rpn(model):
@@ -81,9 +100,15 @@ def resolve_threshold(rpn, threshold: float | str | None, option: str = "--thres
         raise UserError(f"{option} {threshold}: {exc}") from None
 
 
-def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
+def roi_boxes(engine, roi, images: Sequence, grids: Sequence[tuple[int, int]] | None = None) -> list[list[list[float]]]:
     """Per image, the regions the engine zoomed into, in source pixels ``[x0, y0, x1, y1)``: the RoI
-    boxes of the SD-RPN methods, or the one square ViCrop cropped."""
+    boxes of the SD-RPN methods, or the one square ViCrop cropped.
+
+    ``grids``: each image's view grid (``adapter.view_grids`` of the vision input), needed where
+    views have sizes of their own; None means the family's fixed ``image_grid``. Families with a
+    fixed view geometry (``adapter.geometry``, LLaVA) map a grid box exactly through it; the others
+    through the adapter's ``roi_source_rects``, the rectangle a RoI view of that box is cut from.
+    """
     import torch
 
     if roi is None:
@@ -91,15 +116,46 @@ def roi_boxes(engine, roi, images: Sequence) -> list[list[list[float]]]:
     if torch.is_tensor(roi):  # vicrop: (B, 4) squares [x0, y0, side, side] in source pixels
         return [[[float(x0), float(y0), float(x0 + width), float(y0 + height)]]
                 for x0, y0, width, height in roi.tolist()]
-    geometry, grid = engine.adapter.geometry, engine.adapter.image_grid
+    adapter = engine.adapter
     if isinstance(roi, list):  # the reference path: one ReferenceRoI per image, on the host
         grid_boxes = [list(r.boxes) if r.mode != "none" else [] for r in roi]
     else:
         keep = (roi.valid & (roi.mode[:, None] > 0)).cpu()
         boxes = roi.boxes.cpu()
         grid_boxes = [boxes[row][keep[row]].tolist() for row in range(boxes.shape[0])]
-    return [[[round(v, 1) for v in geometry.transform(image.size).grid_to_source(box, grid)] for box in row]
-            for image, row in zip(images, grid_boxes)]
+    if grids is None:
+        grids = [tuple(adapter.image_grid)] * len(images)
+    if adapter.geometry is not None:
+        geometry = adapter.geometry
+        return [[[round(v, 1) for v in geometry.transform(image.size).grid_to_source(box, grid)] for box in row]
+                for image, row, grid in zip(images, grid_boxes, grids)]
+    return _source_rects(adapter, images, grid_boxes, grids)
+
+
+def _source_rects(adapter, images: Sequence, grid_boxes: list, grids: Sequence) -> list[list[list[float]]]:
+    """Grid boxes to source pixels through ``adapter.roi_source_rects``, all rows in one call."""
+    import torch
+
+    from ..roi import SourceImages
+
+    owners = [row for row, boxes in enumerate(grid_boxes) for _ in boxes]
+    if not owners:
+        return [[] for _ in images]
+    regions = torch.tensor([box for boxes in grid_boxes for box in boxes], dtype=torch.int64)
+    box_grids = torch.tensor([list(grids[row]) for row in owners], dtype=torch.int64)
+    sources = SourceImages.from_pil([images[row] for row in owners], adapter.geometry, "cpu")
+    rects = adapter.roi_source_rects(regions, box_grids, sources).cpu().tolist()
+    out = [[] for _ in images]
+    for row, (x0, y0, width, height) in zip(owners, rects):
+        out[row].append([float(x0), float(y0), float(x0 + width), float(y0 + height)])
+    return out
+
+
+def vision_input(adapter, inputs: dict):
+    """The vision input of processor outputs as the adapter reads it (``adapter.vision_input_names``:
+    ``pixel_values`` alone, or a dict of them, e.g. with Qwen's ``image_grid_thw``)."""
+    names = adapter.vision_input_names
+    return inputs[names[0]] if len(names) == 1 else {name: inputs[name] for name in names}
 
 
 @dataclass
@@ -109,6 +165,7 @@ class EngineOutput:
     predictions: list[Prediction]
     output: object
     latency_s: float
+    view_tokens: list[int] | None = None  # per row, the original view's image tokens
 
 
 class EnginePredictor:
@@ -137,7 +194,8 @@ class EnginePredictor:
                 settings["max_regions"] = self.engine.options.max_regions
         return settings
 
-    def _generate(self, images: list, prompts: list[str], **kwargs) -> tuple[object, int, float]:
+    def _generate(self, images: list, prompts: list[str], **kwargs) -> tuple[object, dict, float]:
+        """The engine's output, the processor's inputs (on the device) and the latency."""
         import torch
 
         texts = [self.engine.prompt(prompt) for prompt in prompts]
@@ -150,19 +208,34 @@ class EnginePredictor:
                                       threshold=self.threshold, do_sample=False, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return output, inputs["input_ids"].shape[1], time.perf_counter() - start
+        return output, inputs, time.perf_counter() - start
+
+    def _grids(self, inputs: dict) -> list[tuple[int, int]]:
+        """Each row's view grid, from the processor's inputs."""
+        adapter = self.engine.adapter
+        return adapter.view_grids(vision_input(adapter, inputs))
+
+    def _boxes(self, output, images: list, inputs: dict) -> list:
+        """:func:`roi_boxes` of the output (the view grids are read only where there are RoI boxes)."""
+        import torch
+
+        grids = self._grids(inputs) if output.roi is not None and not torch.is_tensor(output.roi) else None
+        return roi_boxes(self.engine, output.roi, images, grids)
 
     def run(self, images: list, prompts: list[str], output_logits: bool = False) -> EngineOutput:
         """Answer each prompt about its image; keeps the engine output for callers that draw it (with
         every step's (B, V) logits in ``output.logits`` when ``output_logits``)."""
-        output, prompt_length, latency = self._generate(images, prompts, max_new_tokens=self.max_new_tokens,
-                                                        output_logits=output_logits)
+        output, inputs, latency = self._generate(images, prompts, max_new_tokens=self.max_new_tokens,
+                                                 output_logits=output_logits)
+        prompt_length = inputs["input_ids"].shape[1]
         answers = self.processor.batch_decode(output.sequences[:, prompt_length:], skip_special_tokens=True)
-        boxes = roi_boxes(self.engine, output.roi, images)
+        grids = self._grids(inputs)
+        boxes = roi_boxes(self.engine, output.roi, images, grids)
         visual = [int(v) for v in output.visual_tokens.tolist()]
         predictions = [Prediction(text=text.strip(), boxes=row, visual_tokens=count)
                        for text, row, count in zip(answers, boxes, visual)]
-        return EngineOutput(predictions=predictions, output=output, latency_s=latency)
+        return EngineOutput(predictions=predictions, output=output, latency_s=latency,
+                            view_tokens=[rows * cols for rows, cols in grids])
 
     def answer(self, images: list, prompts: list[str]) -> list[Prediction]:
         return self.run(images, prompts).predictions
@@ -185,9 +258,9 @@ class EnginePredictor:
     def rank_options(self, images: list, prompts: list[str], options: list[Sequence[str]]) -> list[Prediction]:
         import torch
 
-        output, _, _ = self._generate(images, prompts, max_new_tokens=1, output_logits=True)
+        output, inputs, _ = self._generate(images, prompts, max_new_tokens=1, output_logits=True)
         log_probs = torch.log_softmax(output.logits[0].float(), dim=-1).cpu()
-        boxes = roi_boxes(self.engine, output.roi, images)
+        boxes = self._boxes(output, images, inputs)
         predictions = []
         for row, choices in enumerate(options):
             letters = self._letter_tokens(len(choices))

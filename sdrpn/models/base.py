@@ -317,6 +317,8 @@ class ModelAdapter(abc.ABC):
     # their RoI threshold.
     roi_defaults: dict = {}
     default_threshold: float = 0.15
+    # Whether the family's released RPNs use the per-benchmark thresholds of sdrpn.roi.THRESHOLDS.
+    per_benchmark_thresholds: bool = True
     # Whether RoI views have the family's fixed input size and are cut, resized and encoded on the
     # device (sync-free stage 2); False where the processor encodes each crop at a size of its own.
     roi_views_on_device: bool = True

@@ -144,6 +144,7 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     roi_defaults = {"strategy": "masked", "edge_sink_above": 768, "prune_above": 1024, "prune_threshold": 0.01}
     default_threshold = 0.25
     roi_views_on_device = False  # the processor sizes each crop by its own pixel budget
+    per_benchmark_thresholds = False  # their per-benchmark values never reach the model (0.25 is fixed)
 
     @property
     def roi_block_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
