@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.tiny_qwen import IMAGE, VISION_END, VISION_START
+from helpers.tiny_qwen import IMAGE, VISION_END, VISION_START, assert_same_logits, forced_maps
 from helpers.tiny_qwen3 import DEEPSTACK_LAYERS, image_processor, qwen3_inputs, qwen_images, tiny_qwen3_vl
 from sdrpn import RPN, SDRPN
 from sdrpn.models import adapter_for
 from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
-from sdrpn.roi import MODE_MASK, MODE_NONE, forced_logits
+from sdrpn.roi import MODE_MASK, MODE_NONE
 
 SIZES = [(400, 300), (200, 560), (330, 330)]  # grids 9 x 13, 18 x 6, 10 x 10 (32-pixel cells)
 MAX_TOKENS = 256
@@ -50,14 +50,6 @@ def vision_of(adapter, inputs):
     return {name: inputs[name] for name in adapter.vision_input_names}
 
 
-def forced_maps(inputs, boxes, threshold=0.25):
-    """(B, H, W) logits padded to the largest grid, row i's boxes on its own grid."""
-    grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()
-    height, width = max(g[0] for g in grids), max(g[1] for g in grids)
-    maps = torch.full((len(grids), height, width), -20.0)
-    for row, (grid, row_boxes) in enumerate(zip(grids, boxes)):
-        maps[row, : grid[0], : grid[1]] = forced_logits([row_boxes], tuple(grid), threshold)[0]
-    return maps
 
 
 def generate(engine, rows, method, strategy=None):
@@ -67,10 +59,6 @@ def generate(engine, rows, method, strategy=None):
                            max_new_tokens=NEW_TOKENS, output_logits=True, return_roi=True, strategy=strategy)
 
 
-def assert_same_logits(ours, theirs):
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        finite = torch.isfinite(b)
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-5, msg=f"step {step}")
 
 
 def largest_logit_difference(ours, theirs) -> float:

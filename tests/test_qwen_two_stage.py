@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.tiny_qwen import image_processor, qwen_images, qwen_inputs, tiny_qwen2_5_vl
+from helpers.tiny_qwen import (assert_same_logits, forced_maps, image_processor, qwen_images, qwen_inputs,
+                               tiny_qwen2_5_vl)
 from sdrpn import RPN, SDRPN
 from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
-from sdrpn.roi import MODE_MASK, MODE_NONE, RoIOptions, forced_logits
+from sdrpn.roi import MODE_MASK, MODE_NONE, RoIOptions
 
 SIZES = [(400, 300), (200, 560), (330, 330)]  # grids 11 x 14, 20 x 7, 12 x 12
 MAX_TOKENS = 256
@@ -31,14 +32,6 @@ def engine(model):
     return SDRPN(model, RPN.from_model(model, 2, 2), processor=image_processor(MAX_TOKENS))
 
 
-def forced_maps(inputs, boxes, threshold=0.25):
-    """(B, H, W) logits padded to the largest grid, row i's boxes on its own grid."""
-    grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()
-    height, width = max(g[0] for g in grids), max(g[1] for g in grids)
-    maps = torch.full((len(grids), height, width), -20.0)
-    for row, (grid, row_boxes) in enumerate(zip(grids, boxes)):
-        maps[row, : grid[0], : grid[1]] = forced_logits([row_boxes], tuple(grid), threshold)[0]
-    return maps
 
 
 def generate(engine, rows, method, strategy=None):
@@ -48,10 +41,6 @@ def generate(engine, rows, method, strategy=None):
                            max_new_tokens=NEW_TOKENS, output_logits=True, return_roi=True, strategy=strategy)
 
 
-def assert_same_logits(ours, theirs, rows=None):
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        finite = torch.isfinite(b)
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-5, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("rows", [slice(0, 3), slice(0, 1), slice(1, 2)], ids=["batch3", "two-blobs", "one-blob"])

@@ -94,15 +94,7 @@ def smart_resize(
     _check_size(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return _within_budget(height, width, h_bar, w_bar, factor, min_pixels, max_pixels)
 
 
 def vl_utils_smart_resize(
@@ -122,6 +114,12 @@ def vl_utils_smart_resize(
     _check_size(height, width)
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
+    return _within_budget(height, width, h_bar, w_bar, factor, min_pixels, max_pixels)
+
+
+def _within_budget(height, width, h_bar, w_bar, factor, min_pixels, max_pixels) -> tuple[int, int]:
+    """The rounded size ``(h_bar, w_bar)`` rescaled into the pixel budget when it falls outside, as
+    both resizes do."""
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)

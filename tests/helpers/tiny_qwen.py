@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["tiny_qwen2_5_vl", "qwen_inputs", "qwen_images", "IMAGE", "VISION_START", "VISION_END", "PAD", "EOS"]
+__all__ = ["tiny_qwen2_5_vl", "qwen_inputs", "qwen_images", "forced_maps", "assert_same_logits", "IMAGE",
+           "VISION_START", "VISION_END", "PAD", "EOS"]
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE, VIDEO, VISION_START, VISION_END = 110, 111, 112, 113
@@ -58,9 +59,10 @@ def qwen_images(sizes, seed: int = 0):
     return [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in sizes]
 
 
-def qwen_inputs(images, texts, max_tokens: int = 64) -> dict:
-    """Processor-style inputs: per prompt ``[BOS] text[0] <vs> image <ve> text[1]``, left padded."""
-    vision = image_processor(max_tokens)(images=images, return_tensors="pt")
+def qwen_inputs(images, texts, max_tokens: int = 64, processor=None) -> dict:
+    """Processor-style inputs: per prompt ``[BOS] text[0] <vs> image <ve> text[1]``, left padded
+    (``processor``: the image processor, by default :func:`image_processor` at ``max_tokens``)."""
+    vision = (processor or image_processor(max_tokens))(images=images, return_tensors="pt")
     rows = []
     for grid, (before, after) in zip(vision["image_grid_thw"].tolist(), texts):
         tokens = int(np.prod(grid)) // 4
@@ -74,3 +76,22 @@ def qwen_inputs(images, texts, max_tokens: int = 64) -> dict:
     # The processor also marks the image tokens; the model's own positions need it.
     mm_token_type_ids = (input_ids == IMAGE).int()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids, **vision}
+
+
+def forced_maps(inputs, boxes, threshold=0.25):
+    """(B, H, W) RPN logits padded to the largest grid, row i's boxes (forced_logits) on its own grid."""
+    from sdrpn.roi import forced_logits
+
+    grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()
+    height, width = max(g[0] for g in grids), max(g[1] for g in grids)
+    maps = torch.full((len(grids), height, width), -20.0)
+    for row, (grid, row_boxes) in enumerate(zip(grids, boxes)):
+        maps[row, : grid[0], : grid[1]] = forced_logits([row_boxes], tuple(grid), threshold)[0]
+    return maps
+
+
+def assert_same_logits(ours, theirs):
+    """Every step's logits equal where the second is finite (rows that ended hold NaN)."""
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-5, msg=f"step {step}")

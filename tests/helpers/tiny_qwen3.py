@@ -14,10 +14,9 @@ Prompts are token ids laid out as the Qwen3-VL processor lays them out
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from helpers.tiny_qwen import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, qwen_images
+from helpers.tiny_qwen import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, qwen_images, qwen_inputs
 
 __all__ = ["tiny_qwen3_vl", "qwen3_inputs", "qwen_images", "image_processor", "LAYERS", "DEEPSTACK_LAYERS", "CELL"]
 
@@ -64,17 +63,5 @@ def image_processor(max_tokens: int = 64):
 
 
 def qwen3_inputs(images, texts, max_tokens: int = 64) -> dict:
-    """Processor-style inputs: per prompt ``[BOS] text[0] <vs> image <ve> text[1]``, left padded."""
-    vision = image_processor(max_tokens)(images=images, return_tensors="pt")
-    rows = []
-    for grid, (before, after) in zip(vision["image_grid_thw"].tolist(), texts):
-        tokens = int(np.prod(grid)) // 4
-        rows.append([BOS, *before, VISION_START, *[IMAGE] * tokens, VISION_END, *after])
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), PAD)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, length - len(row):] = torch.tensor(row)
-        attention_mask[index, length - len(row):] = 1
-    mm_token_type_ids = (input_ids == IMAGE).int()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids, **vision}
+    """Processor-style inputs as :func:`helpers.tiny_qwen.qwen_inputs` makes them, with 32-pixel cells."""
+    return qwen_inputs(images, texts, processor=image_processor(max_tokens))
