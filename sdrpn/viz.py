@@ -97,15 +97,13 @@ def roi_figure(engine, image: Image.Image, question: str, with_rpn, without, thr
     """
     import torch
 
-    from .eval.predictors import vision_input
     from .roi import MODE_MASK
 
     adapter = engine.adapter
     inputs = engine.processor(images=[image], text=[engine.prompt(prompt or question)], return_tensors="pt")
     inputs = {name: value.to(adapter.device) for name, value in inputs.items() if torch.is_tensor(value)}
-    vision = vision_input(adapter, inputs)
-    roi = engine.predict_roi(input_ids=inputs["input_ids"], pixel_values=vision,
-                             attention_mask=inputs.get("attention_mask"), images=[image], threshold=threshold)
+    vision = adapter.vision_input(inputs)
+    roi = engine.predict_roi(**inputs, images=[image], threshold=threshold)
     rows, cols = adapter.view_grids(vision)[0]
     extent = view_extent(adapter, image.size, (rows, cols))
     mode = int(roi.mode[0])

@@ -247,7 +247,7 @@ def test_the_figure_covers_the_view_grid(checkpoint):
     import numpy as np
     from PIL import Image
 
-    from sdrpn.eval.predictors import EnginePredictor, build_engine, vision_input
+    from sdrpn.eval.predictors import EnginePredictor, build_engine
     from sdrpn.viz import roi_figure
 
     args = argparse.Namespace(model=checkpoint / "model", rpn=checkpoint / "rpn", device="cpu", dtype="auto",
@@ -262,8 +262,7 @@ def test_the_figure_covers_the_view_grid(checkpoint):
     assert figure.mask.any() and not figure.mask.all() and figure.crop is not None
     # masked upscaling: the crop shows the mask's cells as they are, the others dimmed
     inputs = processor(images=[image], text=[engine.prompt(QUESTION)], return_tensors="pt")
-    roi = engine.predict_roi(input_ids=inputs["input_ids"], pixel_values=vision_input(engine.adapter, inputs),
-                             images=[image])
+    roi = engine.predict_roi(**inputs, images=[image])  # the processor's outputs, as for generate
     box = tuple(roi.crops[0].tolist())
     assert figure.crop.size == (box[2] - box[0], box[3] - box[1])
     dimmed = (np.asarray(figure.crop) != np.asarray(image.crop(box))).any(axis=2).mean()

@@ -351,12 +351,8 @@ class AttentionReader:
         return answers, capture(adapter, batch, request, PromptPrefix(cache, states))
 
     def vision_input(self, encoded):
-        """The family's vision input from processor outputs: ``pixel_values`` alone, or a dict of the
-        outputs the adapter names (``vision_input_names``)."""
-        names = self.adapter.vision_input_names
-        if len(names) == 1:
-            return encoded[names[0]]
-        return {name: encoded[name] for name in names}
+        """The family's vision input from processor outputs (:meth:`ModelAdapter.vision_input`)."""
+        return self.adapter.vision_input(encoded)
 
     def read(self, images: Sequence, questions: Sequence[str], request: CaptureRequest) -> Reading:
         """Answer one batch of (image, question) and capture ``request`` over prompt + answer."""

@@ -121,8 +121,14 @@ class SDRPN:
     @torch.inference_mode()
     def predict_roi(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask=None, images=None,
                     roi_logits: torch.Tensor | None = None, threshold: float | None = None,
-                    strategy: str | None = None) -> RoIPrediction:
-        """Stage 1 only: maps, masks, boxes and counts (plus the source crops when ``images`` are given)."""
+                    strategy: str | None = None, **processor_outputs) -> RoIPrediction:
+        """Stage 1 only: maps, masks, boxes and counts (plus the source crops when ``images`` are given).
+
+        Takes the processor's outputs like :meth:`generate` (``image_grid_thw`` for Qwen).
+        """
+        pixel_values = self._vision_input(pixel_values, processor_outputs, "predict_roi")
+        if processor_outputs:
+            raise TypeError(f"predict_roi got unexpected arguments {', '.join(sorted(processor_outputs))}")
         options = self._options(threshold, strategy)
         self._check_image_start(input_ids, attention_mask)
         adapter = self.adapter
@@ -166,7 +172,7 @@ class SDRPN:
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("generate needs the processor outputs input_ids and pixel_values")
-        pixel_values = self._vision_input(pixel_values, generation_kwargs)
+        pixel_values = self._vision_input(pixel_values, generation_kwargs, "generate")
         if images is not None and len(images) != input_ids.shape[0]:
             raise ValueError(f"got {len(images)} images for {input_ids.shape[0]} prompts; pass one image per prompt")
         self._check_image_start(input_ids, attention_mask)
@@ -221,18 +227,16 @@ class SDRPN:
         changes = {"threshold": resolved, "strategy": self.options.strategy if strategy is None else strategy}
         return RoIOptions(**{**self.options.__dict__, **changes})
 
-    def _vision_input(self, pixel_values, kwargs: dict):
+    def _vision_input(self, pixel_values, kwargs: dict, caller: str):
         """The view's vision input: ``pixel_values`` alone, or with the family's other processor
         outputs (e.g. ``image_grid_thw``), taken out of ``kwargs``."""
         for name in self.adapter.derived_input_names:
             kwargs.pop(name, None)
         names = self.adapter.vision_input_names
-        if len(names) == 1:
-            return pixel_values
         missing = [name for name in names[1:] if kwargs.get(name) is None]
         if missing:
-            raise ValueError(f"generate needs the processor outputs {', '.join(missing)} for this model")
-        return {"pixel_values": pixel_values, **{name: kwargs.pop(name) for name in names[1:]}}
+            raise ValueError(f"{caller} needs the processor outputs {', '.join(missing)} for this model")
+        return self.adapter.vision_input({"pixel_values": pixel_values, **{name: kwargs.pop(name) for name in names[1:]}})
 
     def _warn_on_geometry(self) -> None:
         """A processor whose base view differs from the one the RPN was trained on shifts every map."""

@@ -151,13 +151,6 @@ def _source_rects(adapter, images: Sequence, grid_boxes: list, grids: Sequence) 
     return out
 
 
-def vision_input(adapter, inputs: dict):
-    """The vision input of processor outputs as the adapter reads it (``adapter.vision_input_names``:
-    ``pixel_values`` alone, or a dict of them, e.g. with Qwen's ``image_grid_thw``)."""
-    names = adapter.vision_input_names
-    return inputs[names[0]] if len(names) == 1 else {name: inputs[name] for name in names}
-
-
 @dataclass
 class EngineOutput:
     """One batch through one method: the predictions and the raw engine output."""
@@ -213,7 +206,7 @@ class EnginePredictor:
     def _grids(self, inputs: dict) -> list[tuple[int, int]]:
         """Each row's view grid, from the processor's inputs."""
         adapter = self.engine.adapter
-        return adapter.view_grids(vision_input(adapter, inputs))
+        return adapter.view_grids(adapter.vision_input(inputs))
 
     def _boxes(self, output, images: list, inputs: dict) -> list:
         """:func:`roi_boxes` of the output (the view grids are read only where there are RoI boxes)."""

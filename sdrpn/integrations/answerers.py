@@ -28,7 +28,7 @@ class AnswerSettings:
         rpn: directory written by ``RPN.save_pretrained``; None runs the plain model (baseline only).
         method: a method of the engine (``sdrpn``, ``baseline``, ``res-scaling``, ...).
         threshold: RoI threshold, ``"calibrated"``, or None for the RPN's default.
-        strategy: RoI upscaling, "mask" or "box".
+        strategy: RoI upscaling, "mask", "masked" or "box"; None for the model family's rule.
         max_regions: zoom into the N strongest RoI components only (None: all).
         dtype: a ``--dtype`` name of ``sdrpn eval`` ("auto", "float32", "bf16", ...).
         device: "cpu", "cuda", "cuda:N"; None picks a GPU when one is visible.
@@ -40,7 +40,7 @@ class AnswerSettings:
     rpn: Path | None = None
     method: str = "sdrpn"
     threshold: float | str | None = None
-    strategy: str = "mask"
+    strategy: str | None = None
     max_regions: int | None = None
     dtype: str = "auto"
     device: str | None = None

@@ -20,7 +20,7 @@ MODEL_ARGS = {
     "rpn": "RPN directory written by sdrpn train (required by every method but baseline)",
     "method": "sdrpn (default), baseline, sdrpn-reference, sdrpn-attention, res-scaling or vicrop",
     "threshold": "RoI threshold between 0 and 1, or calibrated (default: the RPN's, 0.15 for LLaVA-1.5)",
-    "strategy": "RoI upscaling: mask (default) or box",
+    "strategy": "RoI upscaling: mask, masked or box (default: the model family's rule)",
     "max_regions": "zoom into the N strongest RoI components only (default: all)",
     "dtype": "auto (default), float32, bfloat16 or float16 (also fp32/bf16/fp16)",
     "device": "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)",
@@ -54,7 +54,7 @@ def _choice(name: str, value, choices) -> str:
     return str(value)
 
 
-def parse_model_args(pretrained=None, rpn=None, method="sdrpn", threshold=None, strategy="mask", max_regions=None,
+def parse_model_args(pretrained=None, rpn=None, method="sdrpn", threshold=None, strategy=None, max_regions=None,
                      dtype="auto", device=None, prompt=None, attn_implementation="sdpa", batch_size=1, roi_log=None,
                      **unknown) -> ModelArgs:
     """Check lmms-eval's model arguments (see :data:`MODEL_ARGS`)."""
@@ -73,7 +73,7 @@ def parse_model_args(pretrained=None, rpn=None, method="sdrpn", threshold=None, 
         rpn=None if rpn is None else _checked("rpn", rpn, common.existing_dir),
         method=str(method),
         threshold=None if threshold is None else _checked("threshold", threshold, common.roi_threshold),
-        strategy=_choice("strategy", strategy, ("mask", "box")),
+        strategy=None if strategy is None else _choice("strategy", strategy, ("mask", "masked", "box")),
         max_regions=None if max_regions is None else _checked("max_regions", max_regions, common.positive_int),
         dtype=_choice("dtype", dtype, list(common.DTYPES)),
         device=None if device is None else str(device),

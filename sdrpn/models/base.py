@@ -392,6 +392,12 @@ class ModelAdapter(abc.ABC):
     # Processor outputs the adapter derives from input_ids itself; generate() accepts and drops them.
     derived_input_names: tuple[str, ...] = ()
 
+    def vision_input(self, processor_outputs: dict):
+        """The vision input the adapter reads, from processor outputs (:attr:`vision_input_names`):
+        ``pixel_values`` alone, or a dict of them (e.g. with Qwen's ``image_grid_thw``)."""
+        names = self.vision_input_names
+        return processor_outputs[names[0]] if len(names) == 1 else {name: processor_outputs[name] for name in names}
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """The rotary ``position_embeddings`` tuple the decoder layers take, from (B, S) or
         (P, B, S) rotary positions."""
