@@ -333,3 +333,25 @@ def test_benchmark_threshold_presets_are_llavas():
     textvqa = get_benchmark("textvqa")
     assert benchmark_threshold(textvqa, LlavaAdapter) == 0.15
     assert benchmark_threshold(textvqa, Qwen2_5_VLAdapter) is None  # the RPN's 0.25
+
+
+def test_label_uses_the_familys_rules_and_asks_for_heads(capsys, checkpoint, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    (tmp_path / "images").mkdir()
+    lines = []
+    for index, size in enumerate([(400, 300), (300, 400)]):  # both padded to a square grey view
+        qwen_images([size], seed=index)[0].save(tmp_path / "images" / f"{index}.png")
+        lines.append(json.dumps({"question_id": f"q{index}", "image": f"images/{index}.png", "text": QUESTION}))
+    data.write_text("\n".join(lines) + "\n")
+    common_args = [*model_args(checkpoint, rpn=False), "--data", data, "--image-root", tmp_path,
+                   "--max-new-tokens", "2", "--no-progress"]
+    status, _, err = run_cli(capsys, "label", *common_args, "--out", tmp_path / "none")
+    assert status != 0 and "--heads is needed" in err and "qwen2.5-vl-7b-text" in err
+    status, _, err = run_cli(capsys, "label", *common_args, "--out", tmp_path / "labels", "--heads", "2:0,1;3:2")
+    assert status == 0, err
+    options = json.loads((tmp_path / "labels" / "run.json").read_text())["options"]
+    assert options["padding_is_background"] and options["blur_box"] and options["min_peak"] == 5e-3
+    assert options["sink"]["method"] == "none"  # the authors' text labels have no sink heads
+    status, _, err = run_cli(capsys, "label", *common_args, "--out", tmp_path / "mixed", "--heads", "2:0",
+                             "--sink-preset", "qwen2.5-vl-7b-natural", "--sink-layer", "3")
+    assert status != 0 and "--sink-preset sets the whole detector" in err

@@ -218,7 +218,7 @@ def warn_if_cpu_bfloat16_is_emulated(option: str, alternative: str) -> None:
               file=sys.stderr)
 
 
-def _check_checkpoint(path: Path) -> dict:
+def checkpoint_config(path: Path) -> dict:
     """The checkpoint's config.json; a directory without a readable one is a user error."""
     config = path / "config.json"
     if not config.is_file():
@@ -239,7 +239,7 @@ def load_model(args: argparse.Namespace):
     geometry, "pad" or "crop"); one line on stderr says when that changed the processor."""
     import transformers
 
-    config = _check_checkpoint(args.model)
+    config = checkpoint_config(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     transformers.utils.logging.disable_progress_bar()  # a per-tensor loading bar is noise on a command line

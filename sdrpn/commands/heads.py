@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .common import add_model_arguments, add_prompt_argument, existing_dir, existing_file, positive_int, ratio
-from .label import add_sink_arguments, read_data, sink_spec
+from .label import add_sink_arguments, model_family, read_data, sink_spec
 
 HELP = "Rank (layer, head) pairs by how well their attention grounds the answer."
 EPILOG = """\
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..prompts import template_for
     from .common import load_model
 
-    sink = sink_spec(args)
+    sink = sink_spec(args, model_family(args).default_sink_preset)
     records, issues = read_data(args)
     for issue in issues:
         report_issue("heads", issue)

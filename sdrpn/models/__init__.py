@@ -5,7 +5,29 @@ from __future__ import annotations
 from .base import ModelAdapter, ModelInputs
 from .geometry import ImageGeometry, ViewTransform
 
-__all__ = ["ModelAdapter", "ModelInputs", "ImageGeometry", "ViewTransform", "adapter_for"]
+__all__ = ["ModelAdapter", "ModelInputs", "ImageGeometry", "ViewTransform", "adapter_for", "adapter_class"]
+
+
+def adapter_class(model_type: str | None) -> type[ModelAdapter]:
+    """The adapter class of a ``config.model_type``.
+
+    Raises:
+        TypeError: the model's family is not supported.
+    """
+    if model_type == "llava":
+        from .llava import LlavaAdapter
+
+        return LlavaAdapter
+    if model_type == "qwen2_5_vl":
+        from .qwen2_5_vl import Qwen2_5_VLAdapter
+
+        return Qwen2_5_VLAdapter
+    if model_type in ("qwen3_vl", "qwen3_vl_moe"):  # the MoE sibling differs only inside its MLPs
+        from .qwen3_vl import Qwen3VLAdapter
+
+        return Qwen3VLAdapter
+    raise TypeError(f"no sdrpn adapter for config.model_type={model_type!r}; supported: llava, qwen2_5_vl, "
+                    f"qwen3_vl, qwen3_vl_moe")
 
 
 def adapter_for(model, processor=None) -> ModelAdapter:
@@ -21,19 +43,8 @@ def adapter_for(model, processor=None) -> ModelAdapter:
     if isinstance(model, ModelAdapter):
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "llava":
-        from .llava import LlavaAdapter
-
-        return LlavaAdapter(model, processor)
-    if model_type == "qwen2_5_vl":
-        from .qwen2_5_vl import Qwen2_5_VLAdapter
-
-        return Qwen2_5_VLAdapter(model, processor)
-    if model_type in ("qwen3_vl", "qwen3_vl_moe"):  # the MoE sibling differs only inside its MLPs
-        from .qwen3_vl import Qwen3VLAdapter
-
-        return Qwen3VLAdapter(model, processor)
-    raise TypeError(
-        f"no sdrpn adapter for {type(model).__name__} (config.model_type={model_type!r}); "
-        f"supported: llava, qwen2_5_vl, qwen3_vl, qwen3_vl_moe"
-    )
+    try:
+        cls = adapter_class(model_type)
+    except TypeError as exc:
+        raise TypeError(f"{type(model).__name__}: {exc}") from None
+    return cls(model, processor)

@@ -319,6 +319,11 @@ class ModelAdapter(abc.ABC):
     default_threshold: float = 0.15
     # Whether the family's released RPNs use the per-benchmark thresholds of sdrpn.roi.THRESHOLDS.
     per_benchmark_thresholds: bool = True
+    # Labelling defaults (sdrpn.distill presets): grounding heads, label rules, sink detector; None
+    # where no single choice fits the family (e.g. heads depend on the model size).
+    default_label_heads: str | None = None
+    default_label_rules: str = "llava-1.5"
+    default_sink_preset: str | None = None
     # Whether RoI views have the family's fixed input size and are cut, resized and encoded on the
     # device (sync-free stage 2); False where the processor encodes each crop at a size of its own.
     roi_views_on_device: bool = True

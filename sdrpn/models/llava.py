@@ -22,6 +22,8 @@ class LlavaAdapter(LanguageModelAdapter):
     family = "llava"
     rpn_uses_rope = False
     default_prompt_template = "vicuna_v1"
+    default_label_heads = "llava-1.5-7b"  # the authors' released heads (13B: --heads llava-1.5-13b)
+    default_sink_preset = "llava-1.5-7b"
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)

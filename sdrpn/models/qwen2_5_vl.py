@@ -145,6 +145,10 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     default_threshold = 0.25
     roi_views_on_device = False  # the processor sizes each crop by its own pixel budget
     per_benchmark_thresholds = False  # their per-benchmark values never reach the model (0.25 is fixed)
+    # Their heads differ by size (3B, 7B) and image kind (text, natural): --heads must say which.
+    default_label_heads = None
+    default_label_rules = "qwen2.5-vl"
+    default_sink_preset = "qwen2.5-vl-7b-text"  # their text labels: no sink heads (natural: --sink-preset)
 
     @property
     def roi_block_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
