@@ -266,7 +266,7 @@ def test_model_args_as_lmms_eval_parses_them(tmp_path):
     ({"threshold": 2}, "threshold=2: must be strictly between 0 and 1"),
     ({"threshold": "high"}, "threshold=high: expected a number between 0 and 1 or 'calibrated'"),
     ({"max_regions": 0}, "max_regions=0: must be at least 1"),
-    ({"strategy": "none"}, "strategy=none: choose from mask, box"),
+    ({"strategy": "none"}, "strategy=none: choose from mask, masked, box"),
     ({"dtype": "int8"}, "dtype=int8: choose from auto, "),
     ({"prompt": "chatml"}, "prompt=chatml: choose from plain, processor, vicuna_v1"),
     ({"batch_size": "auto"}, "fixed --batch_size N"),
