@@ -334,7 +334,8 @@ class SourceImages:
     """Source images uploaded once to the device, with their view geometry.
 
     Attributes:
-        pixels: (B, 3, H_max, W_max) uint8 RGB, each image at the top-left corner.
+        pixels: (B, 3, H_max, W_max) uint8 RGB, each image at the top-left corner (None without a
+            view geometry).
         sizes: (B, 2) int64 ``(width, height)``.
         transforms: (B, 4) float64 exact view-to-source maps ``[a_x, b_x, a_y, b_y]``.
         crop_maps: (B, 4) float32 ``[pad_x, ratio_x, pad_y, ratio_y]`` of the RoI crops
@@ -344,10 +345,11 @@ class SourceImages:
         images: the RGB PIL images, for views the processor encodes on the host.
 
     Without a view geometry (families whose views keep the aspect ratio and are encoded by the
-    processor), ``transforms``, ``crop_maps``, ``mean`` and ``std`` are None and ``images`` is kept.
+    processor), ``pixels``, ``transforms``, ``crop_maps``, ``mean`` and ``std`` are None and
+    ``images`` is kept.
     """
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     sizes: torch.Tensor
     transforms: torch.Tensor | None
     crop_maps: torch.Tensor | None
@@ -361,17 +363,10 @@ class SourceImages:
         """Converts PIL images as the processor does (RGB, alpha on white where it composites) and
         uploads them in one transfer."""
         arrays = [to_rgb_array(image) for image in images]
-        height = max(array.shape[0] for array in arrays)
-        width = max(array.shape[1] for array in arrays)
-        canvas = np.zeros((len(arrays), height, width, 3), dtype=np.uint8)
-        for index, array in enumerate(arrays):
-            canvas[index, : array.shape[0], : array.shape[1]] = array
-        pixels = torch.from_numpy(canvas)
         sizes = [(array.shape[1], array.shape[0]) for array in arrays]
-        pin = torch.device(device).type == "cuda"
         known = geometry is not None
         return cls(
-            pixels=(pixels.pin_memory() if pin else pixels).to(device, non_blocking=True).permute(0, 3, 1, 2),
+            pixels=_uploaded(arrays, device) if known else None,  # the processor crops PIL images instead
             sizes=torch.tensor(sizes, dtype=torch.long).to(device),
             transforms=geometry.transforms_tensor(sizes).to(device) if known else None,
             crop_maps=geometry.crop_maps_tensor(sizes).to(device) if known else None,
@@ -380,6 +375,18 @@ class SourceImages:
             std=torch.tensor(geometry.image_std, dtype=torch.float32).view(3, 1, 1).to(device) if known else None,
             images=None if known else [Image.fromarray(array) for array in arrays],
         )
+
+
+def _uploaded(arrays: list[np.ndarray], device) -> torch.Tensor:
+    """(B, 3, H_max, W_max) uint8 images, each at the top-left corner, on ``device`` in one transfer."""
+    height = max(array.shape[0] for array in arrays)
+    width = max(array.shape[1] for array in arrays)
+    canvas = np.zeros((len(arrays), height, width, 3), dtype=np.uint8)
+    for index, array in enumerate(arrays):
+        canvas[index, : array.shape[0], : array.shape[1]] = array
+    pixels = torch.from_numpy(canvas)
+    pin = torch.device(device).type == "cuda"
+    return (pixels.pin_memory() if pin else pixels).to(device, non_blocking=True).permute(0, 3, 1, 2)
 
 
 def grid_box_crops(boxes: torch.Tensor, sources: SourceImages, geometry: ImageGeometry,

@@ -1,6 +1,7 @@
 """benchmarks/bench_e2e.py on the CPU: its RoI configurations give the upscaling they name, its
-argument check refuses what would measure something else, and a tiny run measures the engine both
-ways (sync-free and trimmed) side by side."""
+argument check refuses what would measure something else, a tiny LLaVA run measures the engine both
+ways (sync-free and trimmed) side by side, and a tiny Qwen2.5-VL run (trimmed only) writes the same
+JSON fields, with its fast path equal to the reference."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdrpn.roi import MODE_BOX, MODE_MASK, MODE_NONE, RoIOptions, propose
 
@@ -95,12 +97,27 @@ def test_check_args_validates_and_stops(capsys):
     assert stopped.value.code == 2
 
 
-def test_a_tiny_run_measures_both_engine_modes_against_the_same_baseline(tmp_path):
-    out = tmp_path / "e2e.json"
-    assert bench.main(["--arch", "tiny", "--device", "cpu", "--batch", "2", "--new-tokens", "2",
-                       "--rois", "masked:0.3,none", "--methods", "baseline,sdrpn,sdrpn-reference",
-                       "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
-    record = json.loads(out.read_text())
+def run_main(arguments: list[str]) -> int:
+    """``bench.main``, leaving torch's thread count as it was (the runs use one thread: on a shared
+    2-core machine, two threads that wait on each other run many times slower)."""
+    threads = torch.get_num_threads()
+    try:
+        return bench.main([*arguments, "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llava_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava") / "e2e.json"
+    assert run_main(["--arch", "tiny", "--device", "cpu", "--batch", "2", "--new-tokens", "2",
+                     "--rois", "masked:0.3,none", "--methods", "baseline,sdrpn,sdrpn-reference",
+                     "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_tiny_run_measures_both_engine_modes_against_the_same_baseline(llava_record):
+    record = llava_record
     assert record["baseline_vs_generate_equal"] and list(record["methods"]) == ["baseline"]
     assert record["load_before"].startswith("load average") and record["load_after"].startswith("load average")
     masked, none = record["configs"]["masked:0.3"], record["configs"]["none"]
@@ -111,3 +128,146 @@ def test_a_tiny_run_measures_both_engine_modes_against_the_same_baseline(tmp_pat
         assert all(config["equivalence"].values())
         for values in config["methods"].values():
             assert values["of_floor"] == pytest.approx(values["ratio_vs_baseline"] / values["ideal_ratio"])
+
+
+# --- Qwen2.5-VL -------------------------------------------------------------------------------------
+
+QWEN_GRID = (20, 27)  # a 1000 x 750 image at 576 * 28 * 28 pixels
+QWEN_OPTIONS = RoIOptions(strategy="masked", threshold=0.25, edge_sink_above=768)  # the authors' Qwen rule
+
+
+def qwen_proposal(spec: str, grid=QWEN_GRID):
+    logits = bench.roi_config(spec, grid, whole_mask=True).logits(1, grid, QWEN_OPTIONS.threshold, "cpu")
+    return propose(logits, grid, QWEN_OPTIONS)
+
+
+def test_the_qwen_defaults_are_its_realistic_view_and_the_trimmed_mode():
+    args = bench.parse_args(["--arch", "qwen2.5-vl-7b", "--random-weights", "--check-args"])
+    assert args.grid == QWEN_GRID and args.view == bench.View((1000, 750), 576)
+    assert args.modes == ["trimmed"] and args.methods == ["baseline", "sdrpn", "sdrpn-reference"]
+    arch = bench.ARCHS["qwen2.5-vl-7b"]
+    assert (arch.start_layer, arch.num_blocks, arch.text["num_hidden_layers"], arch.vision["depth"]) == (16, 3, 28, 32)
+
+
+@pytest.mark.parametrize("spec, share", [("box:0.25", 140 / 540), ("box:0.6", 315 / 540), ("masked:0.3", 160 / 540),
+                                         ("none", 0.0)])
+def test_a_forced_qwen_roi_is_masked_upscaling_of_the_share_it_names(spec, share):
+    proposal = qwen_proposal(spec)
+    assert int(proposal.mode[0]) == (MODE_NONE if spec == "none" else MODE_MASK)
+    assert int(proposal.cells.sum()) == round(share * 540)
+
+
+def test_box_is_one_region_on_qwen_and_no_area_filter_applies():
+    # LLaVA's filters drop a component above 225 cells; Qwen's rule keeps the whole mask.
+    with pytest.raises(ValueError, match="would be no RoI"):
+        bench.roi_config("box:0.6", QWEN_GRID)
+    assert bench.roi_config("box:0.6", QWEN_GRID, whole_mask=True).boxes == ((3, 2, 24, 17),)
+
+
+def qwen_error(capsys, *arguments) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(["--arch", "qwen2.5-vl-tiny", *arguments, "--check-args"])
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--modes", "sync-free,trimmed"], "trimmed mode only (the processor sizes each RoI view by its crop"),
+    (["--methods", "sdrpn,vicrop"], "--methods vicrop: LLaVA-only"),
+    (["--source-size", "1000by750"], "is not WIDTHxHEIGHT"),
+    (["--image-tokens", "2"], "at least 4"),
+    (["--image-tokens", "16", "--source-size", "160x120", "--rois", "masked:0.3"], "touch"),
+    (["--clock", "process"], "use it with --device cpu --threads 1"),
+])
+def test_qwen_arguments_that_cannot_run_are_refused_with_the_reason(capsys, arguments, message):
+    assert message in qwen_error(capsys, *arguments)
+
+
+def test_llava_refuses_a_pixel_budget_and_the_7b_needs_random_weights(capsys):
+    for arguments, message in ((["--arch", "tiny", "--image-tokens", "64"], "LLaVA-1.5's view is fixed"),
+                               (["--arch", "qwen2.5-vl-7b"], "needs --random-weights")):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*arguments, "--check-args"])
+        assert message in capsys.readouterr().err
+
+
+def test_the_qwen_7b_plan_says_what_it_measures(capsys):
+    assert bench.main(["--arch", "qwen2.5-vl-7b", "--random-weights", "--device", "cuda", "--dtype", "bfloat16",
+                       "--batch", "8", "--rois", "box:0.25,masked:0.3,none", "--methods", "baseline,sdrpn",
+                       "--check-args"]) == 0
+    plan = capsys.readouterr().out
+    assert "20 x 27 = 540-token view" in plan and "trimmed only" in plan
+    assert plan.count("sdrpn/trimmed") == 3 and "sdrpn/sync-free" not in plan
+    assert "one region under the masked rule" in plan
+
+
+def test_the_qwen_vision_flops_are_what_the_tower_computes():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch = bench.ARCHS["qwen2.5-vl-tiny"]
+    family = bench.family_of(arch)
+    view = family.view((500, 380), 100)  # 8 x 11 tokens: windows cut at the edges
+    model, processor = family.build_model(arch, view, "cpu", torch.float32, "eager")  # eager: bmm is counted
+    inputs, _ = family.build_inputs(model, processor, 1, view, "cpu")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    grid = family.image_grid(arch, view)
+    assert grid == (8, 11)
+    assert bench.qwen_vision_flops(model.config.vision_config, grid) == counter.get_total_flops()
+
+
+def test_the_floor_adds_the_question_rerun_and_the_roi_block():
+    # One row without a RoI adds the T-1 blocks and the head only; with one, the RoI view, the new
+    # tokens through 0..K-1 and the longer sequence through K..L-1.
+    from types import SimpleNamespace
+
+    arch = bench.ARCHS["qwen2.5-vl-7b"]
+    text = SimpleNamespace(**{k: v for k, v in arch.text.items() if not k.startswith("rope")})
+    config = SimpleNamespace(text_config=text)
+    family = SimpleNamespace(vision_flops=lambda config, grid: 1000.0)
+    shape = bench.PromptShape(prefix=556, question=20, image_tokens=540, image_grid=QWEN_GRID)
+    blocks = bench.llm_flops(text, 576, 0, 2) + bench.rpn_head_flops(text, 540)
+    assert bench.sdrpn_extra_flops(family, config, arch, shape, 0, None, 16, 2) == blocks
+    with_roi = bench.sdrpn_extra_flops(family, config, arch, shape, 100, (24, 24), 1, 2)
+    expected = (blocks + 1000.0 + bench.llm_flops(text, 122, 556, 16) + bench.llm_flops(text, 678, 0, 12)
+                - bench.llm_flops(text, 576, 0, 12))
+    assert with_roi == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def qwen_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen") / "e2e.json"
+    assert run_main(["--arch", "qwen2.5-vl-tiny", "--device", "cpu", "--batch", "2", "--new-tokens", "2",
+                     "--image-tokens", "64", "--source-size", "320x240", "--rois", "box:0.25,masked:0.3,none",
+                     "--methods", "baseline,sdrpn,sdrpn-reference", "--repeats", "1", "--warmup", "0",
+                     "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_tiny_qwen_run_writes_llavas_fields_and_its_fast_path_equals_the_reference(qwen_record, llava_record):
+    record = qwen_record
+    assert set(record) == set(llava_record)
+    for name in ("configs", "methods"):
+        assert set(next(iter(record[name].values()))) == set(next(iter(llava_record[name].values())))
+    row_fields = set(llava_record["methods"]["baseline"])
+    assert all(set(values) == row_fields for config in record["configs"].values()
+               for values in config["methods"].values())
+    assert (record["family"], record["modes"], record["modes_available"]) == ("qwen2_5_vl", ["trimmed"], ["trimmed"])
+    assert record["image_grid"] == [6, 9] and record["image_tokens"] == 54
+    assert record["baseline_vs_generate_equal"] and list(record["methods"]) == ["baseline"]
+    for config in record["configs"].values():
+        assert list(config["methods"]) == ["sdrpn/trimmed", "sdrpn-reference"]
+        assert set(config["equivalence"]) == {"sdrpn/trimmed_vs_reference_tokens_equal",
+                                              "sdrpn/trimmed_vs_reference_logits_close"}
+        assert all(config["equivalence"].values())
+        for values in config["methods"].values():
+            assert values["of_floor"] == pytest.approx(values["ratio_vs_baseline"] / values["ideal_ratio"])
+            assert values["extra_flops"] > 0 and 0 < values["ideal_ratio"] < 1
+    box, masked, none = (record["configs"][name] for name in ("box:0.25", "masked:0.3", "none"))
+    assert (box["upscaling"], masked["upscaling"], none["upscaling"]) == ("masked", "masked", "none")
+    # One region: its crop is zoomed to the budget and every token kept. Two corners: the crop is
+    # the whole image, re-encoded at the original's grid, about the share of its tokens kept.
+    assert box["roi_tokens"] == box["roi_view_tokens"] > 54
+    assert masked["roi_view_tokens"] == 54 and masked["roi_tokens"] == 12
+    assert (none["roi_tokens"], none["roi_view_tokens"]) == (0, 0)
+    assert none["methods"]["sdrpn/trimmed"]["ideal_ratio"] > masked["methods"]["sdrpn/trimmed"]["ideal_ratio"]
