@@ -6,11 +6,15 @@ model's own forward pass on the two-image prompt."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from helpers.tiny_qwen import IMAGE, VISION_END, VISION_START, assert_same_logits, forced_maps
 from helpers.tiny_qwen3 import DEEPSTACK_LAYERS, image_processor, qwen3_inputs, qwen_images, tiny_qwen3_vl
+from helpers.two_stage_checks import (batch_equals_each_row_alone, fast_equals_reference,
+                                      without_roi_equals_reference_and_baseline)
 from sdrpn import RPN, SDRPN
 from sdrpn.models import adapter_for
 from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -216,19 +220,11 @@ def test_rpn_scores_and_attention_rows_are_the_layers_eager_attention(row):
 
 @pytest.mark.parametrize("rows", [slice(0, 3), slice(0, 1), slice(1, 2)], ids=["batch3", "two-blobs", "one-blob"])
 def test_fast_path_equals_the_reference(engine, rows):
-    fast = generate(engine, rows, "sdrpn")
-    reference = generate(engine, rows, "sdrpn-reference")
-    assert torch.equal(fast.visual_tokens.cpu(), reference.visual_tokens)
-    assert_same_logits(fast.logits, reference.logits)
-    assert torch.equal(fast.sequences, reference.sequences)
+    fast_equals_reference(partial(generate, engine), rows)
 
 
 def test_moe_fast_path_equals_the_reference(moe_engine):
-    fast = generate(moe_engine, slice(0, 3), "sdrpn")
-    reference = generate(moe_engine, slice(0, 3), "sdrpn-reference")
-    assert torch.equal(fast.visual_tokens.cpu(), reference.visual_tokens)
-    assert_same_logits(fast.logits, reference.logits)
-    assert torch.equal(fast.sequences, reference.sequences)
+    fast_equals_reference(partial(generate, moe_engine), slice(0, 3))
 
 
 def test_the_default_rule_is_masked_upscaling(engine):
@@ -240,21 +236,11 @@ def test_the_default_rule_is_masked_upscaling(engine):
 
 
 def test_without_a_roi_the_fast_path_equals_the_reference_and_the_baseline(engine):
-    fast = generate(engine, slice(0, 3), "sdrpn", strategy="none")
-    reference = generate(engine, slice(0, 3), "sdrpn-reference", strategy="none")
-    assert_same_logits(fast.logits, reference.logits)
-    baseline = generate(engine, slice(0, 3), "baseline")
-    assert torch.equal(fast.sequences, baseline.sequences)
-    assert_same_logits(fast.logits, baseline.logits)
+    without_roi_equals_reference_and_baseline(partial(generate, engine), slice(0, 3))
 
 
 def test_a_batch_equals_each_row_alone(engine):
-    together = generate(engine, slice(0, 3), "sdrpn")
-    for row in range(3):
-        alone = generate(engine, slice(row, row + 1), "sdrpn")
-        assert int(together.visual_tokens[row]) == int(alone.visual_tokens[0])
-        for step, (a, b) in enumerate(zip(together.logits, alone.logits)):
-            torch.testing.assert_close(a[row], b[0], rtol=1e-4, atol=1e-5, msg=f"row {row}, step {step}")
+    batch_equals_each_row_alone(partial(generate, engine), 3)
 
 
 def test_the_reference_stage_2_is_the_models_own_two_image_forward(engine):
