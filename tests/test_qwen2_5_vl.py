@@ -96,3 +96,27 @@ def test_rpn_scores_are_the_head_layers_attention_logits(row):
     expected = attentions[0, :, -1, image[0]].log().mean(dim=0)
     torch.testing.assert_close(logits - logits.mean(), expected - expected.mean(), rtol=1e-4, atol=1e-4)
     assert rpn.config["use_final_norm"] is False and "norm.weight" not in rpn.state_dict()
+
+
+def test_an_rpn_round_trips_and_is_refused_by_the_other_family(tmp_path, model):
+    from helpers.tiny_models import tiny_llava
+
+    rpn = RPN.from_model(model, 2, 2)
+    rpn.save_pretrained(tmp_path / "qwen")
+    loaded = RPN.from_pretrained(tmp_path / "qwen", model)
+    assert loaded.threshold == 0.25 and loaded.config["use_rope"] and not loaded.config["use_final_norm"]
+    inputs = qwen_inputs(qwen_images(SIZES), TEXTS)
+    adapter = adapter_for(model)
+    embedded = adapter.embed(inputs["input_ids"], adapter.vision_input(inputs), inputs["attention_mask"])
+    hidden = adapter.run_layers(embedded.inputs_embeds, 0, 2, embedded.position_ids, embedded.attention_mask,
+                                rope_position_ids=embedded.rope_position_ids)
+    arguments = (hidden, hidden.shape[1] - 1, embedded.image_start, embedded.attention_mask, embedded.position_ids,
+                 embedded.rope_position_ids, embedded.image_lengths)
+    with torch.no_grad():
+        assert torch.equal(rpn(*arguments), loaded(*arguments))
+    llava = tiny_llava()[0]
+    with pytest.raises(ValueError, match="family"):
+        RPN.from_pretrained(tmp_path / "qwen", llava)
+    RPN.from_model(llava, 1, 1).save_pretrained(tmp_path / "llava")
+    with pytest.raises(ValueError, match="family"):
+        RPN.from_pretrained(tmp_path / "llava", model)
