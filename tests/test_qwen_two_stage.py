@@ -104,3 +104,22 @@ def test_the_separate_layout_equals_its_reference_and_differs_from_the_nested_on
 def test_an_unknown_layout_is_refused(model):
     with pytest.raises(ValueError, match="nested"):
         Qwen2_5_VLAdapter(model, roi_layout="inside")
+
+
+def test_the_raw_attention_method_runs_per_grid_and_a_batch_equals_each_row_alone(model):
+    labels = {"heads": [[1, 0], [1, 2]], "sink": {"method": "none", "layer": None, "threshold": 1.0, "dims": None}}
+    engine = SDRPN(model, RPN.from_model(model, 2, 2, labels=labels), processor=image_processor(MAX_TOKENS))
+    images = qwen_images(SIZES)
+
+    def run(rows):
+        inputs = qwen_inputs(images[rows], TEXTS[rows], MAX_TOKENS)
+        return engine.generate(**inputs, images=images[rows], method="sdrpn-attention", max_new_tokens=NEW_TOKENS,
+                               output_logits=True, return_roi=True)
+
+    together = run(slice(0, 3))
+    assert (together.visual_tokens.cpu() > torch.tensor([154, 140, 144])).any()  # a RoI from the raw map
+    for row in range(3):
+        alone = run(slice(row, row + 1))
+        assert int(together.visual_tokens[row]) == int(alone.visual_tokens[0])
+        for step, (a, b) in enumerate(zip(together.logits, alone.logits)):
+            torch.testing.assert_close(a[row], b[0], rtol=1e-4, atol=1e-5, msg=f"row {row}, step {step}")

@@ -56,7 +56,7 @@ def prompt_grounding(adapter, input_ids: torch.Tensor, attention_mask: torch.Ten
     request = CaptureRequest(heads.by_layer).merge(sink.request(grounding_layer, adapter.num_heads))
     captured = capture(adapter, batch, request)
     grounding = grounding_map(captured.select(heads.by_layer), captured.query_mask)
-    return grounding.masked_fill(sink.detect(captured, grounding_layer, adapter.image_length), 0.0)
+    return grounding.masked_fill(sink.detect(captured, grounding_layer, grounding.shape[1]), 0.0)
 
 
 @register_method("sdrpn-attention")
@@ -67,5 +67,9 @@ def attention_roi_method(engine, request: GenerationRequest) -> MethodResult:
     layout = layout_of(engine, request)
     grounding = prompt_grounding(adapter, layout.input_ids, layout.attention_mask, request.pixel_values, heads, sink)
     probability = grounding / grounding.amax(dim=1, keepdim=True).clamp_min(_PEAK_EPS)
-    logits = torch.logit(probability, eps=1e-6).view(-1, *adapter.image_grid)
+    flat = torch.logit(probability, eps=1e-6)
+    grids = adapter.view_grids(request.pixel_values)  # row i's map at the top left of the largest grid
+    logits = flat.new_full((flat.shape[0], max(g[0] for g in grids), max(g[1] for g in grids)), float("-inf"))
+    for row, (height, width) in enumerate(grids):
+        logits[row, :height, :width] = flat[row, : height * width].view(height, width)
     return sdrpn_method(engine, replace(request, roi_logits=logits))
