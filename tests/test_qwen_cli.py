@@ -355,3 +355,26 @@ def test_label_uses_the_familys_rules_and_asks_for_heads(capsys, checkpoint, tmp
     status, _, err = run_cli(capsys, "label", *common_args, "--out", tmp_path / "mixed", "--heads", "2:0",
                              "--sink-preset", "qwen2.5-vl-7b-natural", "--sink-layer", "3")
     assert status != 0 and "--sink-preset sets the whole detector" in err
+
+
+def test_train_takes_the_authors_depth_for_known_models(tmp_path):
+    import argparse
+
+    from sdrpn.commands.train import rpn_depth
+    from sdrpn.errors import UserError
+
+    def depth(layers, **given):
+        root = tmp_path / str(layers)
+        if not root.exists():
+            root.mkdir()
+            tiny_qwen2_5_vl().config.save_pretrained(root)
+            config = json.loads((root / "config.json").read_text())
+            config["text_config"]["num_hidden_layers"] = layers
+            config["text_config"].pop("layer_types", None)
+            (root / "config.json").write_text(json.dumps(config))
+        return rpn_depth(argparse.Namespace(model=root, start_layer=given.get("K"), num_blocks=given.get("T")))
+
+    assert depth(28) == (16, 3) and depth(36) == (21, 3)  # Qwen2.5-VL-7B and 3B
+    assert depth(28, T=2) == (16, 2) and depth(6, K=2, T=2) == (2, 2)
+    with pytest.raises(UserError, match="give --K and --T"):
+        depth(6)

@@ -22,7 +22,8 @@ same command to resume from the last checkpoint in --out (written every --save-e
 labels (recomputed with sinks kept under --keep-sinks), on the same samples for either target.
 The RPN records the conversation template of the labels (sdrpn label --prompt), where its image
 tokens start and the processor's base view geometry; generate, show, eval and demo use them.
-Its default RoI threshold is the authors' 0.15 (--threshold sets another). A threshold calibrated on
+Its default RoI threshold is the authors' for the family (0.15 LLaVA-1.5, 0.25 Qwen; --threshold sets
+another). A threshold calibrated on
 the held-out samples is saved beside it: of 0.01 .. 0.5, the one whose blurred RoI masks best
 overlap the foreground labels; the other commands use it with --threshold calibrated."""
 
@@ -38,12 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep the frozen layers' outputs here and reuse them in later epochs and runs")
 
     rpn = parser.add_argument_group("RPN")
-    rpn.add_argument("--K", type=int, default=15, dest="start_layer",
-                     help="first model layer the RPN replaces; layers below run frozen (default 15, LLaVA-1.5-7B's; "
-                          "0 .. the model's layers - 1)")
-    rpn.add_argument("--T", type=positive_int, default=3, dest="num_blocks",
-                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default 3; K+T at most "
-                          "the model's layers)")
+    rpn.add_argument("--K", type=int, dest="start_layer",
+                     help="first model layer the RPN replaces; layers below run frozen (default: the authors' K "
+                          "for the model: 15 for LLaVA-1.5-7B/13B, 16 for Qwen2.5-VL-7B, 21 for 3B; other models "
+                          "need it; 0 .. the model's layers - 1)")
+    rpn.add_argument("--T", type=positive_int, dest="num_blocks",
+                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default: the authors' T "
+                          "for the model, 3; K+T at most the model's layers)")
 
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
@@ -62,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--keep-sinks", action="store_true",
                         help="do not zero attention-sink tokens: labels recomputed from the grounding (ablation)")
     recipe.add_argument("--threshold", type=probability, metavar="T",
-                        help="default RoI threshold saved with the RPN (default: 0.15, the authors'); the "
+                        help="default RoI threshold saved with the RPN (default: the authors' for the family, 0.15 "
+                             "for LLaVA-1.5, 0.25 for Qwen); the "
                              "calibrated one is saved beside it")
 
     run = parser.add_argument_group("run")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--warmup must be in [0, 1), got {args.warmup}")
     if args.lr <= 0 or args.max_grad_norm <= 0:
         raise UserError("--lr and --max-grad-norm must be positive")
+    args.start_layer, args.num_blocks = rpn_depth(args)
     options = TrainOptions(start_layer=args.start_layer, num_blocks=args.num_blocks, lr=args.lr,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
                            max_steps=args.max_steps, max_samples=args.max_samples, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
@@ -111,3 +115,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"trained {result.history[-1]['step'] if result.history else 'no new'} steps; "
                   f"wrote the RPN to {args.out}")
     return 0
+
+
+def rpn_depth(args: argparse.Namespace) -> tuple[int, int]:
+    """``(K, T)``: the arguments, or where not given the authors' depth for ``--model`` (its family
+    and decoder layers, read off config.json)."""
+    if args.start_layer is not None and args.num_blocks is not None:
+        return args.start_layer, args.num_blocks
+    import transformers
+
+    from ..distill.heads import RPN_DEPTH_PRESETS
+    from .label import model_family
+
+    family = model_family(args)
+    try:  # the full config: checkpoints leave out what their class defaults (llava-hf: the 32 layers)
+        config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--model {args.model}: cannot read its config ({exc})") from None
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    preset = family.rpn_depth_presets.get(layers)
+    if preset is None:
+        raise UserError(f"--model {args.model}: no released RPN depth for a {layers}-layer model of this family; "
+                        f"give --K and --T (the authors' sit at about 0.57 of the depth, T 3)")
+    depth = RPN_DEPTH_PRESETS[preset]
+    return (depth.start_layer if args.start_layer is None else args.start_layer,
+            depth.num_blocks if args.num_blocks is None else args.num_blocks)

@@ -24,6 +24,7 @@ class LlavaAdapter(LanguageModelAdapter):
     default_prompt_template = "vicuna_v1"
     default_label_heads = "llava-1.5-7b"  # the authors' released heads (13B: --heads llava-1.5-13b)
     default_sink_preset = "llava-1.5-7b"
+    rpn_depth_presets = {32: "llava-1.5-7b", 40: "llava-1.5-13b"}
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)

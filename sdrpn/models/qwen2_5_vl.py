@@ -149,6 +149,7 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
     default_label_heads = None
     default_label_rules = "qwen2.5-vl"
     default_sink_preset = "qwen2.5-vl-7b-text"  # their text labels: no sink heads (natural: --sink-preset)
+    rpn_depth_presets = {28: "qwen2.5-vl-7b", 36: "qwen2.5-vl-3b"}
 
     @property
     def roi_block_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -52,6 +52,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """
 
     family = "qwen3_vl"
+    rpn_depth_presets = {}  # none released: --K and --T must be given (Qwen2.5-VL's sit at ~0.57 of the depth)
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
