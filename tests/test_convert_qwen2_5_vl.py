@@ -36,6 +36,7 @@ from sdrpn.authors.rpn_conversion import convert_rpn
 from sdrpn.cli import main
 from sdrpn.models import adapter_for
 
+from helpers.authors_release import write_config
 from helpers.tiny_qwen import IMAGE, qwen_images, qwen_inputs, tiny_qwen2_5_vl
 
 K, T = 2, 3
@@ -125,12 +126,7 @@ def write_their_checkpoint(directory, model, start_layer: int = K, num_blocks: i
 
     directory.mkdir(parents=True, exist_ok=True)
     config = their_config(model, start_layer, num_blocks)
-    for key, value in (config_changes or {}).items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(directory, config, config_changes)
     tensors = {name: tensor for name, tensor in their_tensors(model, start_layer, num_blocks, seed=seed).items()
                if not any(name.startswith(prefix) for prefix in drop)}
     if not sharded:

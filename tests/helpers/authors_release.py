@@ -34,6 +34,16 @@ def authors_config(model, start_layer: int, num_blocks: int) -> dict:
     }
 
 
+def write_config(directory: Path, config: dict, changes: dict | None = None) -> None:
+    """Writes ``config.json`` with ``changes`` applied (None values delete their keys)."""
+    for key, value in (changes or {}).items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def authors_tensors(model, start_layer: int, num_blocks: int, noise: float = 0.05, seed: int = 0) -> dict:
     """Base model under the original LLaVA names, plus twig tensors = layers K..K+T-1 and the final
     norm with noise, all bfloat16 (their release was trained and saved in bfloat16)."""
@@ -64,12 +74,7 @@ def write_authors_checkpoint(directory, model, start_layer: int = 2, num_blocks:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = authors_config(model, start_layer, num_blocks)
-    for key, value in (config_changes or {}).items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(directory, config, config_changes)
     tensors = {name: tensor for name, tensor in authors_tensors(model, start_layer, num_blocks, seed=seed).items()
                if name not in drop}
     if layout == "safetensors":
