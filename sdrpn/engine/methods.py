@@ -22,7 +22,7 @@ from .reference import ReferenceRoI, reference_generate
 from .stage1 import run_stage1
 from .stage2 import RoITokens, continue_prefill, roi_tokens, run_stage2
 
-__all__ = ["GenerationRequest", "MethodResult", "METHODS", "register_method", "get_method", "layout_of",
+__all__ = ["GenerationRequest", "MethodResult", "METHODS", "register_method", "get_method", "layout_of", "layout_for",
            "pad_rows"]
 
 # Modules that register further methods when imported; loaded on first lookup of an unknown name.
@@ -95,10 +95,15 @@ def get_method(name: str) -> Method:
 
 def layout_of(engine, request: GenerationRequest) -> PromptLayout:
     """The request's prompts laid out as [prefix | question block] on the model's device."""
-    adapter = engine.adapter
-    lengths = [rows * cols for rows, cols in adapter.view_grids(request.pixel_values)]
-    layout = PromptLayout.build(request.input_ids, request.attention_mask, adapter.image_token_id,
-                                lengths, request.sampling.pad_token_id, adapter.prefix_tail)
+    return layout_for(engine.adapter, request.input_ids, request.attention_mask, request.pixel_values,
+                      request.sampling.pad_token_id)
+
+
+def layout_for(adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vision_input,
+               pad_token_id: int) -> PromptLayout:
+    """Prompts laid out as [prefix | question block] for ``adapter``'s family, on its device."""
+    layout = PromptLayout.build(input_ids, attention_mask, adapter.image_token_id,
+                                adapter.image_token_counts(vision_input), pad_token_id, adapter.prefix_tail)
     return layout.to(adapter.device)
 
 
@@ -188,7 +193,7 @@ def reference_method(engine, request: GenerationRequest) -> MethodResult:
         steps = max(len(d.logits) for d in decoded)
         logits = [torch.cat([d.logits[step] if step < len(d.logits) else torch.full_like(d.logits[0], float("nan"))
                              for d in decoded]) for step in range(steps)]
-    originals = [rows * cols for rows, cols in engine.adapter.view_grids(request.pixel_values)]
+    originals = engine.adapter.image_token_counts(request.pixel_values)
     visual = torch.tensor([count - r.dropped + (0 if r.keep is None else int(r.keep.sum()))
                            for count, r in zip(originals, rois)])
     return MethodResult(tokens=tokens, logits=logits, roi=rois, roi_tokens=None, visual_tokens=visual)

@@ -21,12 +21,12 @@ import torch
 
 from ..models import adapter_for
 from ..prompts import PromptTemplate, template_named
-from ..roi import RoIOptions, RoIProposal, SourceImages, region_crops
+from ..roi import RoIOptions, RoIProposal, SourceImages
 from ..rpn import RPN
 from .generation import SamplingConfig
-from .layout import PromptLayout
-from .methods import GenerationRequest, MethodResult, get_method
+from .methods import GenerationRequest, MethodResult, get_method, layout_for
 from .stage1 import rpn_proposal, run_stage1
+from .stage2 import roi_rects
 
 __all__ = ["SDRPN", "SDRPNOutput", "RoIPrediction"]
 
@@ -132,19 +132,12 @@ class SDRPN:
         options = self._options(threshold, strategy)
         self._check_image_start(input_ids, attention_mask)
         adapter = self.adapter
-        lengths = [rows * cols for rows, cols in adapter.view_grids(pixel_values)]
-        layout = PromptLayout.build(input_ids, attention_mask, adapter.image_token_id, lengths, 0,
-                                    adapter.prefix_tail).to(adapter.device)
+        layout = layout_for(adapter, input_ids, attention_mask, pixel_values, 0)
         stage1 = run_stage1(adapter, self.rpn, layout, pixel_values, options, roi_logits, self.proposal_fn)
         crops = None
         if images is not None:
             sources = SourceImages.from_pil(images, adapter.geometry, adapter.device)
-            proposal = stage1.proposal
-            if adapter.roi_views_on_device:
-                rects = region_crops(proposal, sources, adapter.geometry, adapter.image_grid)
-            else:
-                grids = torch.tensor(stage1.grids, device=proposal.region.device)
-                rects = adapter.roi_source_rects(proposal.region, grids, sources)
+            rects = roi_rects(adapter, stage1.proposal, stage1.grids, sources)
             crops = torch.cat([rects[:, :2], rects[:, :2] + rects[:, 2:]], dim=1)
         return RoIPrediction(proposal=stage1.proposal, crops=crops)
 

@@ -31,11 +31,11 @@ import torch
 
 from .. import ops
 from ..models.base import ModelAdapter
-from ..roi import MODE_NONE, SourceImages, region_crops, roi_token_keep, roi_token_keep_grids, roi_views
+from ..roi import MODE_NONE, SourceImages, roi_token_keep, roi_token_keep_grids, roi_views
 from .layout import PromptLayout
 from .stage1 import Stage1
 
-__all__ = ["Prefill", "RoITokens", "continue_prefill", "roi_tokens", "run_stage2"]
+__all__ = ["Prefill", "RoITokens", "continue_prefill", "roi_rects", "roi_tokens", "run_stage2"]
 
 
 @dataclass
@@ -99,7 +99,7 @@ def roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImages, syn
     if not adapter.roi_views_on_device:
         return _host_roi_tokens(adapter, stage1, sources, image_processor)
     grid, geometry = adapter.image_grid, adapter.geometry
-    crops = region_crops(stage1.proposal, sources, geometry, grid)
+    crops = roi_rects(adapter, stage1.proposal, stage1.grids, sources)
     features = adapter.encode_images(roi_views(crops, sources, geometry))
     keep = roi_token_keep(stage1.proposal, grid)
     capacity = features.shape[1] if sync_free else int(keep.sum(dim=1).max())
@@ -107,6 +107,16 @@ def roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImages, syn
     grids = torch.tensor(grid, device=keep.device).expand(keep.shape[0], 2)
     cells = _packed_cells(keep, grids, capacity) if stage1.rope_position_ids is not None else None
     return RoITokens(embeds=embeds, lengths=lengths, crops=crops, keep=keep, grids=grids, cells=cells)
+
+
+def roi_rects(adapter: ModelAdapter, proposal, grids: list[tuple[int, int]], sources: SourceImages) -> torch.Tensor:
+    """(B, 4) int64 source-pixel rectangles ``[x0, y0, width, height]`` of each row's RoI view,
+    through the family's mapping (``adapter.roi_source_rects``); the whole view's where a row has no
+    RoI, so that shapes stay static."""
+    grids = torch.tensor(grids, device=proposal.region.device)
+    whole = torch.cat([torch.zeros_like(grids), grids.flip(1)], dim=1)
+    regions = torch.where((proposal.mode > MODE_NONE)[:, None], proposal.region, whole)
+    return adapter.roi_source_rects(regions, grids, sources)
 
 
 def _host_roi_tokens(adapter: ModelAdapter, stage1: Stage1, sources: SourceImages, image_processor) -> RoITokens:

@@ -343,6 +343,10 @@ class ModelAdapter(abc.ABC):
         """Token grid ``(rows, cols)`` of each view in a vision input, on the host."""
         return [tuple(self.image_grid)] * int(vision_input.shape[0])
 
+    def image_token_counts(self, vision_input) -> list[int]:
+        """Image tokens of each view in a vision input (its grid's cells), on the host."""
+        return [rows * cols for rows, cols in self.view_grids(vision_input)]
+
     def select_view(self, vision_input, index: int):
         """The vision input of view ``index`` alone."""
         return vision_input[index : index + 1]
