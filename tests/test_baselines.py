@@ -71,9 +71,7 @@ def test_vicrop_attention_equals_eager_attention_rows(tiny):
     expected = (rows[0] / (rows[1] + 1e-8)).view(TINY_GRID)
     with torch.no_grad():
         embedded = [adapter.embed(i["input_ids"], i["pixel_values"]) for i in (question, generic)]
-        ratio = relative_attention(adapter, embedded[0].inputs_embeds, embedded[0].attention_mask,
-                                   embedded[1].inputs_embeds, embedded[1].attention_mask, layer,
-                                   int(embedded[0].image_start[0]))
+        ratio = relative_attention(adapter, embedded[0], embedded[1], layer, [TINY_GRID])
     torch.testing.assert_close(ratio[0], expected, rtol=1e-4, atol=1e-6)
 
 

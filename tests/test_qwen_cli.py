@@ -316,12 +316,20 @@ def test_demo_runs_the_checkpoint(capsys, checkpoint, tmp_path):
     assert (tmp_path / "demo" / "roi.png").is_file() and len(list((tmp_path / "demo" / "images").iterdir())) == 2
 
 
-def test_fixed_view_baselines_are_refused_in_one_line(capsys, checkpoint):
-    status, out, err = run_cli(capsys, "generate", *model_args(checkpoint, rpn=False), "--image",
-                               checkpoint / "image.png", "--question", QUESTION, "--method", "vicrop")
-    assert status == 2 and "Traceback" not in err, err
-    error = err.strip().splitlines()[-1]  # after the one-time torchvision note, where there is one
-    assert error.startswith("sdrpn generate: error: vicrop: not available for qwen2_5_vl") and "baseline" in error
+def test_the_peer_baselines_run_without_an_rpn(capsys, checkpoint):
+    reports = {}
+    for method in ("res-scaling", "vicrop"):
+        status, out, err = run_cli(capsys, "generate", *model_args(checkpoint, rpn=False), "--image",
+                                   checkpoint / "image.png", "--question", QUESTION, "--method", method,
+                                   "--max-new-tokens", "3", "--json")
+        assert status == 0, err
+        reports[method] = json.loads(out)
+    assert reports["res-scaling"]["boxes"] == [] and reports["res-scaling"]["visual_tokens"] > 3 * GRID_TOKENS
+    # vicrop reports its crop, a second view after the image
+    width, height = SIZE
+    (x0, y0, x1, y1), = reports["vicrop"]["boxes"]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert reports["vicrop"]["visual_tokens"] > GRID_TOKENS
 
 
 def test_benchmark_threshold_presets_are_llavas():

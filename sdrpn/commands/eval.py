@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..eval import report, runner
     from ..eval.datasets import OPTION_ANSWER, SHORT_ANSWER, get_benchmark
-    from ..eval.predictors import (RPN_METHODS, EnginePredictor, build_engine, check_family_methods, check_methods,
+    from ..eval.predictors import (RPN_METHODS, EnginePredictor, build_engine, check_methods,
                                    resolve_threshold)
     from ..issues import issues_summary, report_issue
     from .common import load_model, load_rpn, resolve_device
@@ -144,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
         rpn = load_rpn(args, model)
         engine = build_engine(model, processor, rpn, strategy=args.strategy, max_regions=args.max_regions,
                               prompt=args.prompt)
-        check_family_methods(methods, engine.adapter)
         threshold = args.threshold if args.threshold is not None else benchmark_threshold(benchmark, engine.adapter)
         threshold = resolve_threshold(rpn, threshold) if rpn is not None else None
         rpn_facts = _rpn_facts(args.rpn) if rpn is not None else {}

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.datasets import open_image
-    from ..eval.predictors import EnginePredictor, build_engine, check_family_methods, check_methods, resolve_threshold
+    from ..eval.predictors import EnginePredictor, build_engine, check_methods, resolve_threshold
     from .common import load_model, load_rpn
 
     image = open_image(args.image)
@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(args)
     rpn = load_rpn(args, model)
     engine = build_engine(model, processor, rpn, max_regions=args.max_regions, prompt=args.prompt)
-    check_family_methods([args.method], engine.adapter)
     threshold = resolve_threshold(rpn, args.threshold) if rpn is not None else None
     predictor = EnginePredictor(engine, args.method, threshold=threshold, max_new_tokens=args.max_new_tokens)
     result = predictor.run([image], [question])

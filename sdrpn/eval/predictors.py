@@ -45,23 +45,6 @@ def check_methods(names: Sequence[str], has_rpn: bool) -> None:
                         f"{free} need none")
 
 
-# Methods that cut and resize views themselves in a fixed view geometry (``adapter.geometry``: LLaVA's
-# square views); families whose processor sizes each view (Qwen2.5-VL) cannot run them yet.
-FIXED_VIEW_METHODS = ("res-scaling", "vicrop")
-
-
-def check_family_methods(names: Sequence[str], adapter) -> None:
-    """Refuse methods the loaded model's family cannot run, saying which it can."""
-    if adapter.geometry is not None:
-        return
-    refused = [name for name in names if name in FIXED_VIEW_METHODS]
-    if refused:
-        runnable = ", ".join(name for name in available_methods() if name not in FIXED_VIEW_METHODS)
-        raise UserError(f"{', '.join(refused)}: not available for {adapter.family} models, whose processor sizes "
-                        f"each view by the image (these baselines cut and stretch views of one fixed size); "
-                        f"available: {runnable}")
-
-
 def build_engine(model, processor, rpn=None, threshold: float | None = None, strategy: str | None = None,
                  max_regions: int | None = None, prompt: str | None = None):
     """The engine for ``model`` and its loaded ``rpn``, upscaling with ``strategy`` (None: the model

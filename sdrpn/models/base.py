@@ -265,11 +265,8 @@ class ModelAdapter(abc.ABC):
     # -- vision ------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(B, N, hidden) visual tokens projected to the language-model space.
-
-        ``interpolate_pos_encoding`` lets the vision tower take inputs larger than its native size.
-        """
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, hidden) visual tokens projected to the language-model space."""
 
     # -- language model ----------------------------------------------------------------------------
 
@@ -375,9 +372,11 @@ class ModelAdapter(abc.ABC):
         rotary position of the text after it: its token count for 1-D RoPE."""
         return kept
 
-    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor | None:
-        """(P, 1, S) rotary positions of a one-row sequence whose images have ``grids`` (in order),
-        computed by the model's own code; None for 1-D RoPE (the layer positions)."""
+    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]],
+                                attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(P, B, S) rotary positions of sequences whose images have ``grids`` (in order, row after
+        row), computed by the model's own code, with (B, S) bool ``attention_mask`` marking padding
+        (None: none); None for 1-D RoPE (the layer positions)."""
         return None
 
     def roi_source_rects(self, regions: torch.Tensor, grids: torch.Tensor, sources) -> torch.Tensor:
@@ -396,6 +395,51 @@ class ModelAdapter(abc.ABC):
         height, width = self.vision_input_size
         views = [crop.resize((width, height), Image.BILINEAR) for crop in crops]
         return image_processor(views, return_tensors="pt")["pixel_values"]
+
+    # -- the peer methods' views (``res-scaling``, ``vicrop``) -------------------------------------
+    #
+    # Defaults for families with one fixed view geometry (``self.geometry``): views are cut and
+    # resampled on the device, exactly as the processor would make them.
+
+    # ViCrop reads the attention of this layer of a model this deep ((layer, depth)), at the same
+    # relative depth in others: 14 of 32 for LLaVA-1.5 (ViCrop's ``ATT_LAYER`` for LLaVA).
+    vicrop_attention_layer: tuple[int, int] = (14, 32)
+
+    @property
+    def vicrop_window(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels of ViCrop's unit window (its six windows span 1 to 2 of it,
+        in source pixels): the vision input."""
+        return tuple(self.vision_input_size)
+
+    def source_cell_sizes(self, grids: list[tuple[int, int]], images) -> list[tuple[float, float]]:
+        """``(width, height)`` in source pixels of one cell of each view's grid, per PIL image."""
+        cell = (self.vision_input_size[1] / self.image_grid[1], self.vision_input_size[0] / self.image_grid[0])
+        scales = [self.geometry.transform(image.size).scale for image in images]
+        return [(scale[0] * cell[0], scale[1] * cell[1]) for scale in scales]
+
+    def scaled_vision_input(self, sources, grids: list[tuple[int, int]], factor: int, image_processor):
+        """The vision input of each source image's view at ``factor`` times its side (``factor``^2 the
+        tokens): the region the view shows, resampled to ``factor`` times the vision input (encoded
+        with interpolated position embeddings)."""
+        from ..roi import grid_box_squares
+        from .geometry import resample_views
+
+        geometry, (rows, cols) = self.geometry, self.image_grid
+        whole = torch.tensor([[0, 0, cols, rows]], device=sources.sizes.device).expand(len(grids), 4)
+        squares = grid_box_squares(whole, sources, geometry, self.image_grid)
+        size = (factor * geometry.input_size[0], factor * geometry.input_size[1])
+        views = resample_views(sources.pixels, sources.sizes, squares, size, geometry.resample, geometry.pad_color,
+                               sources.max_side)
+        return geometry.normalize(views, sources.mean, sources.std)
+
+    def crop_vision_input(self, boxes: torch.Tensor, grids: list[tuple[int, int]], sources, image_processor):
+        """``(vision input, crops)`` of the square source regions around (B, 4) grid boxes ``[x0, y0,
+        x1, y1)`` (ViCrop's crops), each stretched to the vision input; ``crops`` (B, 4) int64 are
+        ``[x0, y0, width, height]`` in source pixels."""
+        from ..roi import grid_box_squares, roi_views
+
+        squares = grid_box_squares(boxes, sources, self.geometry, self.image_grid)
+        return roi_views(squares, sources, self.geometry, self.geometry.resample), squares
 
     # Names of the processor outputs that make up one view's vision input (LLaVA: pixel_values;
     # Qwen: pixel_values and image_grid_thw); generate() collects them from its keyword arguments.

@@ -29,7 +29,8 @@ class LlavaAdapter(LanguageModelAdapter):
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
         config, vision_config = model.config, model.config.vision_config
-        side = vision_config.image_size // vision_config.patch_size
+        self.patch_size = vision_config.patch_size
+        side = vision_config.image_size // self.patch_size
         self.image_grid = (side, side)
         self.vision_input_size = (vision_config.image_size, vision_config.image_size)
         if config.vision_feature_select_strategy not in ("default", "full"):
@@ -57,12 +58,21 @@ class LlavaAdapter(LanguageModelAdapter):
 
     # -- vision ------------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def view_grids(self, vision_input: torch.Tensor) -> list[tuple[int, int]]:
+        """One patch grid per view, from the views' size (the vision input's, or another one's, e.g.
+        res-scaling's larger views)."""
+        height, width = vision_input.shape[-2:]
+        return [(height // self.patch_size, width // self.patch_size)] * int(vision_input.shape[0])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, hidden) features of (B, 3, H, W) views; views of another size than the vision
+        input are encoded with interpolated position embeddings."""
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         vision_device = next(self.model.model.vision_tower.parameters()).device
         vision_dtype = next(self.model.model.vision_tower.parameters()).dtype
-        extra = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+        other_size = tuple(pixel_values.shape[-2:]) != tuple(self.vision_input_size)
+        extra = {"interpolate_pos_encoding": True} if other_size else {}
         output = self.model.get_image_features(
             pixel_values=pixel_values.to(device=vision_device, dtype=vision_dtype),
             vision_feature_layer=self.config.vision_feature_layer,

@@ -66,7 +66,7 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
 
     # -- vision ------------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values) -> list[torch.Tensor]:
         """Per image, (n_i, hidden) tokens projected to the language model, from the vision input
         (a dict with ``pixel_values`` and ``image_grid_thw``)."""
         output = self.vision_tower_output(pixel_values)
@@ -179,13 +179,15 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         """Text after a view continues from its start + max(rows, cols), whatever tokens were kept."""
         return grids.amax(dim=1)
 
-    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+    def sequence_rope_positions(self, input_ids: torch.Tensor, grids: list[tuple[int, int]],
+                                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
         grid_thw = torch.tensor([[1, rows * self.merge_size, cols * self.merge_size] for rows, cols in grids],
                                 device=self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         rope, _ = self.model.model.get_rope_index(
             input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(), image_grid_thw=grid_thw,
-            attention_mask=torch.ones_like(input_ids))
+            attention_mask=mask)
         return rope
 
     def roi_source_rects(self, regions: torch.Tensor, grids: torch.Tensor, sources) -> torch.Tensor:
@@ -202,6 +204,40 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         """The crops as the processor encodes any image, at its own min/max pixels (the authors
         encode the RoI this way, ``mm_utils.py`` ~973-978)."""
         return dict(image_processor(images=list(crops), return_tensors="pt"))
+
+    # -- the peer methods' views -------------------------------------------------------------------
+
+    # ViCrop's layer for Qwen2.5-VL-7B (``ATT_LAYER = 22`` of 28 in its ``qwen2_5_methods.py``).
+    vicrop_attention_layer = (22, 28)
+
+    @property
+    def vicrop_window(self) -> tuple[int, int]:
+        """ViCrop's unit window: 16 cells a side, the square view of the 256-token budget that ViCrop
+        runs Qwen2.5-VL at (``max_pixels = 256 * 28 * 28``); windows span 1 to 2 of it."""
+        return (16 * self.cell_size, 16 * self.cell_size)
+
+    def source_cell_sizes(self, grids: list[tuple[int, int]], images) -> list[tuple[float, float]]:
+        """The processor's view is the whole image resized to the grid: a cell is its size over the grid."""
+        return [(image.size[0] / cols, image.size[1] / rows) for (rows, cols), image in zip(grids, images)]
+
+    def scaled_vision_input(self, sources, grids: list[tuple[int, int]], factor: int, image_processor):
+        """Each image processed at ``factor``^2 times the pixels of its view in the prompt (``min_pixels
+        = max_pixels``, so smart resize lands near ``factor`` times each side): a larger pixel budget,
+        the way this family scales resolution."""
+        views = []
+        for image, (rows, cols) in zip(sources.images, grids):
+            budget = factor**2 * rows * cols * self.cell_size**2
+            scaled = self.budgeted_image_processor(image_processor, budget, budget)
+            views.append(scaled(images=[image], return_tensors="pt"))
+        return {name: torch.cat([view[name] for view in views]) for name in VISION_INPUTS}
+
+    def crop_vision_input(self, boxes: torch.Tensor, grids: list[tuple[int, int]], sources, image_processor):
+        """The source rectangles of the grid boxes (the RoI view's mapping), cut from the PIL images and
+        encoded by the processor at its own pixel budget, as the RoI view is."""
+        rects = self.roi_source_rects(boxes, torch.tensor(grids, device=boxes.device), sources)
+        pictures = [image.crop((x0, y0, x0 + width, y0 + height))
+                    for image, (x0, y0, width, height) in zip(sources.images, rects.tolist())]
+        return self.roi_vision_input(pictures, image_processor), rects
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         if position_ids.ndim == 2:  # text only: the same position on every axis
@@ -254,24 +290,31 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
             return None
         geometry = self.labelling_geometry
         image_processor = getattr(processor, "image_processor", processor)
-        budgeted = copy.deepcopy(image_processor)
-        size = getattr(budgeted, "size", None)
-        entries = {"shortest_edge": geometry.min_pixels, "longest_edge": geometry.max_pixels}
-        if size is None or isinstance(size, dict):
-            budgeted.size = {**(size or {}), **entries}
-        else:  # transformers' SizeDict
-            budgeted.size = type(size)(**{**{k: v for k, v in vars(size).items() if v is not None}, **entries})
-        for name, value in (("min_pixels", geometry.min_pixels), ("max_pixels", geometry.max_pixels)):
-            if getattr(budgeted, name, None) is not None:  # the attributes older processors read
-                setattr(budgeted, name, value)
-        found = QwenViewGeometry.from_image_processor(budgeted, cell=self.cell_size)
-        if (found.min_pixels, found.max_pixels) != (geometry.min_pixels, geometry.max_pixels):
-            raise ValueError(f"cannot set the labelling budget of {type(image_processor).__name__}: it reads "
-                             f"{found.min_pixels}..{found.max_pixels} pixels")
+        budgeted = self.budgeted_image_processor(image_processor, geometry.min_pixels, geometry.max_pixels)
         if processor is not image_processor:  # a processor: a copy holding the budgeted image processor
             processor = copy.copy(processor)
             processor.image_processor = budgeted
             return processor
+        return budgeted
+
+    def budgeted_image_processor(self, image_processor, min_pixels: int, max_pixels: int):
+        """A copy of ``image_processor`` that sizes views to ``min_pixels..max_pixels``."""
+        import copy
+
+        budgeted = copy.deepcopy(image_processor)
+        size = getattr(budgeted, "size", None)
+        entries = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        if size is None or isinstance(size, dict):
+            budgeted.size = {**(size or {}), **entries}
+        else:  # transformers' SizeDict
+            budgeted.size = type(size)(**{**{k: v for k, v in vars(size).items() if v is not None}, **entries})
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if getattr(budgeted, name, None) is not None:  # the attributes older processors read
+                setattr(budgeted, name, value)
+        found = QwenViewGeometry.from_image_processor(budgeted, cell=self.cell_size)
+        if (found.min_pixels, found.max_pixels) != (min_pixels, max_pixels):
+            raise ValueError(f"cannot set the pixel budget of {type(image_processor).__name__}: it reads "
+                             f"{found.min_pixels}..{found.max_pixels} pixels")
         return budgeted
 
     def labelling_settings(self) -> dict:

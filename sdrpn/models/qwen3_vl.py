@@ -82,7 +82,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         return placed(output.pooler_output), {layer: placed(values) for layer, values in zip(self.injection_layers,
                                                                                              deepstack)}
 
-    def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values) -> list[torch.Tensor]:
         """Per image, (n_i, hidden) tokens (the deepstack features: :meth:`encode_views_full`)."""
         return self.encode_views_full(pixel_values)[0]
 
