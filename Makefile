@@ -54,7 +54,8 @@ gpu-suite:
 # that its extension, built against this venv's torch, leaves the working tree's alone.
 LMMS_VENV := .venv-lmms
 LMMS_SRC := build/lmms-src
-LMMS_TESTS := tests/test_lmms_eval_plugin.py tests/test_scorer_parity.py tests/test_lmms_eval_harness.py
+LMMS_TESTS := tests/test_lmms_eval_plugin.py tests/test_qwen_lmms_eval.py tests/test_scorer_parity.py \
+	tests/test_lmms_eval_harness.py
 
 $(LMMS_VENV)/.installed:
 	$(PYTHON) -m venv $(LMMS_VENV)
@@ -80,7 +81,8 @@ TF517_PY := $(TF517_VENV)/bin/python
 TF517_TRANSFORMERS := 5.17.0
 TF517_TESTS := tests/test_engine.py tests/test_cache.py tests/test_adapter.py tests/test_baselines.py \
 	tests/test_qwen2_5_vl.py tests/test_qwen_two_stage.py tests/test_qwen_geometry.py tests/test_qwen3_vl.py \
-	tests/test_qwen_cli.py tests/test_qwen_labelling.py tests/test_qwen_baselines.py \
+	tests/test_qwen_cli.py tests/test_qwen3_cli.py tests/test_qwen_labelling.py tests/test_qwen_baselines.py \
+	tests/test_qwen_distill_cli.py tests/test_qwen_compile.py tests/test_qwen_lmms_eval.py \
 	tests/test_batch_invariance.py tests/test_attention_capture.py tests/test_attention_roi.py \
 	tests/test_labels.py tests/test_label_job.py tests/test_sinks.py tests/test_rpn.py \
 	tests/test_rpn_settings.py tests/test_train.py tests/test_distill_torchrun.py \

@@ -7,6 +7,7 @@ Usage::
         --batch 1 --new-tokens 16 --rois box:0.25,masked:0.3,none --json results/e2e.json
     python benchmarks/bench_e2e.py --arch qwen2.5-vl-tiny --device cpu --rois box:0.25,masked:0.3,none
     python benchmarks/bench_e2e.py --arch qwen2.5-vl-7b --random-weights --device cuda --dtype bfloat16 ...
+    python benchmarks/bench_e2e.py --arch qwen3-vl-tiny --device cpu --rois box:0.25,masked:0.3,none
     python benchmarks/bench_e2e.py ... --check-args   # validate the arguments, print the plan, exit
 
 Models are built from real transformers configs with random weights. Two families share one bench
@@ -25,15 +26,23 @@ loop; each has its own model builder, prompt builder, vision-tower FLOP model an
   weights) has room for batch 8 on one GPU.
   SD-RPN on Qwen2.5-VL runs the engine's trimmed mode only (``SDRPN(sync_free=False)``): the
   processor sizes each RoI view by its crop, which is read on the host, so ``--modes sync-free``
-  is refused. ``res-scaling`` and ``vicrop`` are LLaVA-only. Views above 1024 tokens would get the
+  is refused. ``res-scaling`` and ``vicrop`` run on every family in the engine, but are measured
+  here on LLaVA only (their FLOP model below is LLaVA's). Views above 1024 tokens would get the
   authors' pruning of original-view tokens in stage 2 (``RoIOptions.prune_above``), which the FLOP
   floor below does not model; the default budget stays below it.
+* Qwen3-VL (``qwen3-vl-tiny``: the tiny Qwen2.5-VL's widths with Qwen3-VL's layers; ``qwen3-vl-4b``:
+  Qwen3-VL-4B-Instruct's architecture, K = 21, T = 3 as sdrpn's preset for its 36 layers, none
+  having been released). Everything above holds, with 32-pixel cells (16-pixel patches): the same
+  576-token budget gives the same 20 x 27 view of the 1000 x 750 images. Its ViT has no windows
+  (every block attends over the whole view) and three deepstack mergers, all counted in the floor;
+  the deepstack features it adds to the image (and RoI) tokens' states in layers 0-2 are
+  element-wise work and are not.
 
 Prompts are synthetic token ids around the image tokens laid out as each family's processor lays
-them out (LLaVA: 5 tokens, the image, the question; Qwen: the 14 tokens of its chat template's
-system prompt and user header, ``<|vision_start|>``, the image, ``<|vision_end|>``, the question
-and the template's 5 closing tokens), questions of different lengths per row (so batches are
-padded). No tokenizer file is needed.
+them out (LLaVA: 5 tokens, the image, the question; Qwen: the 14 tokens of Qwen2.5-VL's chat
+template's system prompt and user header (Qwen3-VL's adds no system prompt: 3 tokens),
+``<|vision_start|>``, the image, ``<|vision_end|>``, the question and the template's 5 closing
+tokens), questions of different lengths per row (so batches are padded). No tokenizer file is needed.
 
 With random weights the cost depends only on the shapes, so the RoI is forced; ``--rois`` lists
 the RoI configurations, all measured in one run, every row of a batch getting the same RoI
@@ -42,9 +51,10 @@ baseline's visual tokens):
 
 * ``box:F``: a centred rectangle (the grid's aspect) covering the share F of the token grid. On
   LLaVA, box upscaling: every one of the H * W RoI slots holds a token of the crop view. Qwen2.5-VL
-  has no box upscaling (the authors' rule is masked upscaling only): there ``box:F`` is one region
-  under the masked rule, i.e. its crop is zoomed to the pixel budget and, the mask filling the
-  crop, every token of the RoI view is kept (the JSON's ``upscaling`` says ``masked``).
+  has no box upscaling (the authors' rule is masked upscaling only, Qwen3-VL's too here): there
+  ``box:F`` is one region under the masked rule, i.e. its crop is zoomed to the pixel budget and,
+  the mask filling the crop, every token of the RoI view is kept (the JSON's ``upscaling`` says
+  ``masked``).
 * ``masked:F``: two rectangles in opposite corners of the grid, covering F of it together. Masked
   upscaling: about F of the RoI slots hold tokens (those under the rectangles). On Qwen2.5-VL the
   crop is the box around the whole mask, here the whole image, so the RoI view has the original's
@@ -60,11 +70,11 @@ Qwen2.5-VL's masked rule keeps the whole mask, filters or not, so no such limit 
 Methods: ``baseline`` (plain prefill + decode), ``sdrpn`` (two stages, KV reuse, everything between
 the stages on the device), ``sdrpn-reference`` (the plain way: CPU post-processing, PIL crop, a
 fresh stage-2 call that encodes both views and prefills everything, sample by sample),
-``sdrpn-compiled`` (``compile=True``), ``res-scaling`` and ``vicrop`` (LLaVA only). All methods
+``sdrpn-compiled`` (``compile=True``), ``res-scaling`` and ``vicrop`` (measured on LLaVA only). All methods
 share the decode loop. ``sdrpn`` and ``sdrpn-compiled`` run in each engine mode of ``--modes``
 (``SDRPN(sync_free=...)``): ``sync-free`` runs every RoI slot through every layer, masked, and
 reads nothing back on the host (the default on GPUs); ``trimmed`` reads the RoI token counts once
-and runs only the real RoI tokens (the default on the CPU, and the only mode of Qwen2.5-VL). The
+and runs only the real RoI tokens (the default on the CPU, and the only mode of Qwen). The
 methods that ignore the RoI (baseline, res-scaling, vicrop) are measured once. Every measured
 function takes its turn in each repeat, so all ratios compare times of the same run.
 
@@ -73,7 +83,7 @@ extra work costed at the baseline's measured prefill speed (seconds per FLOP):
 ``t_base / (t_base + t_prefill * extra_flops / prefill_flops)``. For SD-RPN the extra work is what
 an ideal two-stage run adds to the baseline, row by row: T-1 RPN blocks over the prompt and the RPN
 head; with a RoI, one vision pass over the RoI view (the family's vision tower at the view's grid:
-CLIP at 24 x 24 for LLaVA, the windowed Qwen ViT at the processor's grid), the new tokens
+CLIP at 24 x 24 for LLaVA, the Qwen ViT at the processor's grid), the new tokens
 [RoI block | question] through layers 0..K-1 against the cached prefix and the whole sequence
 through layers K..L-1 (instead of the prompt alone), and the decoding steps' attention over the
 RoI tokens. ``of_floor`` is ``ratio_vs_baseline / ideal_ratio``: 1.0 when a method costs no more
@@ -89,7 +99,8 @@ processes take (two threads waiting on each other under such load run many times
 ``image_tokens``, the engine modes available), ``methods`` (the rows that ignore the RoI) and
 ``configs`` (per RoI configuration: its boxes, upscaling, RoI tokens, RoI-view tokens, rows,
 sdrpn against sdrpn-reference, whether their tokens agree and how far their logits are apart).
-The fields are the same for both families.
+The fields are the same for every family. ``--json-key KEY`` adds the run to FILE's object of runs
+under KEY instead, so that several runs share one file.
 """
 
 from __future__ import annotations
@@ -109,6 +120,7 @@ import torch
 from PIL import Image
 
 from sdrpn import RPN, SDRPN
+from sdrpn.distill.heads import RPN_DEPTH_PRESETS
 from sdrpn.engine.baselines import vicrop_layer
 from sdrpn.roi import MODE_BOX, MODE_MASK, MODE_NONE, RoIOptions, forced_logits
 
@@ -139,11 +151,11 @@ class Arch:
     start_layer: int  # K
     num_blocks: int  # T
     full_size: bool = False  # a real model's architecture: needs --random-weights
-    tokens: dict = field(default_factory=dict)  # special token ids (Qwen2.5-VL)
+    tokens: dict = field(default_factory=dict)  # special token ids (Qwen)
 
 
-# Qwen2.5-VL's special tokens (its tokenizer's ids); the tiny arch keeps them in the same order at the
-# top of its smaller vocabulary.
+# The special tokens of Qwen2.5-VL and Qwen3-VL (their tokenizer's ids); the tiny archs keep them in the
+# same order at the top of their smaller vocabulary.
 QWEN_TOKENS = {"pad_token_id": 151643, "bos_token_id": 151643, "eos_token_id": 151645,
                "vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
                "video_token_id": 151656}
@@ -197,6 +209,36 @@ ARCHS = {
                   rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
         start_layer=16, num_blocks=3, full_size=True, tokens=QWEN_TOKENS,
     ),
+    # CPU-sized as qwen2.5-vl-tiny: Qwen3-VL's decoder (q/k norms, interleaved M-RoPE, heads wider than
+    # hidden / heads as the 4B's) and its ViT (no windows, learned position embeddings, deepstack maps
+    # after blocks 0-2, added after decoder layers 0-2).
+    "qwen3-vl-tiny": Arch(
+        "qwen3-vl-tiny", "qwen3_vl",
+        vision=dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=256,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[0, 1, 2]),
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=96, vocab_size=QWEN_TINY_VOCAB, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                      "mrope_section": [18, 15, 15], "mrope_interleaved": True}),
+        start_layer=4, num_blocks=2, tokens=qwen_tiny_tokens(QWEN_TINY_VOCAB),
+    ),
+    # Qwen3-VL-4B-Instruct's config.json (transformers' Qwen3VLConfig defaults describe a larger model:
+    # 32 layers of 4096, a 27-block ViT of 1152): 36 layers of 2560, 32 query heads of 128 (wider than
+    # 2560 / 32), 8 KV heads; a 24-block ViT of 1024, deepstack after blocks 5, 11, 17. Its tied
+    # embeddings are untied here, which changes no FLOP. K, T: sdrpn's preset for 36 layers.
+    "qwen3-vl-4b": Arch(
+        "qwen3-vl-4b", "qwen3_vl",
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh", in_channels=3),
+        text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                      "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        start_layer=RPN_DEPTH_PRESETS["qwen3-vl-4b/8b"].start_layer,
+        num_blocks=RPN_DEPTH_PRESETS["qwen3-vl-4b/8b"].num_blocks, full_size=True, tokens=QWEN_TOKENS,
+    ),
 }
 
 
@@ -241,10 +283,15 @@ def random_words(generator, count: int, low: int, high: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+def head_dim_of(config) -> int:
+    """The attention heads' width: the config's own where it sets one (Qwen3-VL-4B: 128, not 2560 / 32)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def llm_flops(config, tokens: int, context: int, layers: int) -> float:
     """``tokens`` new tokens through ``layers`` decoder layers after ``context`` cached tokens."""
     d, heads = config.hidden_size, config.num_attention_heads
-    head_dim = d // heads
+    head_dim = head_dim_of(config)
     kv = config.num_key_value_heads
     linear = 2 * (d * heads * head_dim * 2 + 2 * d * kv * head_dim + 3 * d * config.intermediate_size)
     attention = 4 * heads * head_dim * (tokens * context + tokens * (tokens + 1) / 2)
@@ -254,7 +301,7 @@ def llm_flops(config, tokens: int, context: int, layers: int) -> float:
 def rpn_head_flops(config, image_tokens: int) -> float:
     """The RPN's last block: q of the query token, k of the image tokens, the per-head scores."""
     d, heads = config.hidden_size, config.num_attention_heads
-    head_dim, kv = d // heads, config.num_key_value_heads
+    head_dim, kv = head_dim_of(config), config.num_key_value_heads
     return 2 * d * heads * head_dim + image_tokens * (2 * d * kv * head_dim + 2 * heads * head_dim)
 
 
@@ -285,10 +332,34 @@ def qwen_vision_flops(vision, grid: tuple[int, int]) -> float:
                for r in range(0, rows, side) for c in range(0, cols, side)]
     full = len([i for i in vision.fullatt_block_indexes if i < vision.depth])
     attention = 4 * d * (full * patches**2 + (vision.depth - full) * sum(n * n for n in windows))
-    embed = patches * 2 * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
-    wide = d * merge * merge
-    merger = rows * cols * 2 * (wide * wide + wide * vision.out_hidden_size)
-    return vision.depth * linear + attention + embed + merger
+    return vision.depth * linear + attention + patch_embed_flops(vision, patches) + merger_flops(vision, rows * cols)
+
+
+def qwen3_vision_flops(vision, grid: tuple[int, int]) -> float:
+    """Qwen3-VL: one view of ``grid`` (rows, cols) tokens through the ViT, its merger and the
+    deepstack mergers.
+
+    Patch embedding and merger as Qwen2.5-VL's; no windows: every block attends over the whole
+    view; the MLP is plain (fc1, fc2); each of ``deepstack_visual_indexes`` has a merger of the final
+    one's shape. Interpolating the learned position embeddings is element-wise work, left out as norms are.
+    """
+    rows, cols = grid
+    merge, d = vision.spatial_merge_size, vision.hidden_size
+    patches = rows * cols * merge * merge
+    block = patches * 2 * (4 * d * d + 2 * d * vision.intermediate_size) + 4 * d * patches**2
+    mergers = (1 + len(vision.deepstack_visual_indexes)) * merger_flops(vision, rows * cols)
+    return vision.depth * block + patch_embed_flops(vision, patches) + mergers
+
+
+def patch_embed_flops(vision, patches: int) -> float:
+    """A Qwen ViT's patch embedding: one (temporal x patch x patch x channels) -> hidden projection per patch."""
+    return patches * 2 * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * vision.hidden_size
+
+
+def merger_flops(vision, tokens: int) -> float:
+    """A Qwen ViT's merger: an MLP over each token's ``merge x merge`` concatenated patches."""
+    wide = vision.hidden_size * vision.spatial_merge_size**2
+    return tokens * 2 * (wide * wide + wide * vision.out_hidden_size)
 
 
 @dataclass(frozen=True)
@@ -316,7 +387,7 @@ def sdrpn_extra_flops(family, config, arch: Arch, shape: PromptShape, roi_tokens
     after the cached prefix, and the whole sequence through K..L-1, in place of the prompt's
     layers K..L-1 (so the question runs through layers 0..K-1 twice: its stage-2 keys follow the
     RoI); each decoding step's attention over the RoI block. Without a RoI, stage 1's states simply
-    continue from layer K.
+    continue from layer K. Qwen3-VL's deepstack additions to the RoI tokens are element-wise: not counted.
     """
     text = config.text_config
     layers, start = text.num_hidden_layers, arch.start_layer
@@ -327,7 +398,7 @@ def sdrpn_extra_flops(family, config, arch: Arch, shape: PromptShape, roi_tokens
     stage2 = (llm_flops(text, block + shape.question, shape.prefix, start)
               + llm_flops(text, shape.tokens + block, 0, layers - start))
     replaced = llm_flops(text, shape.tokens, 0, layers - start)  # stage 1's states at layer K are not continued
-    heads_dim = text.num_attention_heads * (text.hidden_size // text.num_attention_heads)
+    heads_dim = text.num_attention_heads * head_dim_of(text)
     decoding = (new_tokens - 1) * layers * 4 * heads_dim * block
     return extra + family.vision_flops(config, roi_grid) + stage2 - replaced + decoding
 
@@ -382,7 +453,7 @@ class LlavaFamily(Family):
 
     def view(self, source_size, image_tokens) -> View:
         if image_tokens not in (None, IMAGE_TOKENS):
-            raise ValueError(f"--image-tokens sets a Qwen2.5-VL view's pixel budget; {self.label}'s view is fixed "
+            raise ValueError(f"--image-tokens sets a Qwen view's pixel budget; {self.label}'s view is fixed "
                              f"(336 pixels, 24 x 24 = {IMAGE_TOKENS} tokens)")
         return super().view(source_size, None)
 
@@ -454,22 +525,28 @@ def synthetic_processor(config, image_processor):
 # helpful assistant.<|im_end|>\n<|im_start|>user\n" (14 tokens), then <|vision_start|> image
 # <|vision_end|>, the question, and "<|im_end|>\n<|im_start|>assistant\n" (5 tokens).
 QWEN_PROMPT_PREFIX, QWEN_PROMPT_SUFFIX = 14, 5
+QWEN3_PROMPT_PREFIX = 3  # Qwen3-VL's template adds no system prompt: "<|im_start|>user\n"
 QWEN_SOURCE_SIZE = (1000, 750)
-QWEN_IMAGE_TOKENS = 576  # min_pixels = max_pixels = 576 * 28 * 28
+QWEN_IMAGE_TOKENS = 576  # min_pixels = max_pixels = 576 cells (28 x 28 pixels Qwen2.5-VL, 32 x 32 Qwen3-VL)
 
 
-def qwen_image_processor(image_tokens: int, cell: int = 28):
-    """transformers' PIL Qwen2-VL image processor at a fixed budget of ``image_tokens`` tokens."""
+def qwen_image_processor(image_tokens: int, patch_size: int, merge_size: int):
+    """transformers' PIL Qwen2-VL image processor (Qwen3-VL's too) at a fixed budget of ``image_tokens``
+    tokens of ``patch_size * merge_size`` pixels a side (its mean and std do not matter to timings)."""
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Processor
     except ImportError:  # a transformers without the PIL backend module
         from transformers import Qwen2VLImageProcessor as Processor
-    budget = image_tokens * cell * cell
-    return Processor(min_pixels=budget, max_pixels=budget)
+    budget = image_tokens * (patch_size * merge_size) ** 2
+    # ``size``, not min/max_pixels: transformers 5.17 would write those into the class's shared default.
+    return Processor(patch_size=patch_size, merge_size=merge_size,
+                     size={"shortest_edge": budget, "longest_edge": budget})
 
 
 class QwenFamily(Family):
     name, label = "qwen2_5_vl", "Qwen2.5-VL"
+    model_classes = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")
+    prompt_prefix = QWEN_PROMPT_PREFIX
     methods = ("baseline", "sdrpn", "sdrpn-reference", "sdrpn-compiled")
     modes = ("trimmed",)
     modes_reason = ("the processor sizes each RoI view by its crop, which is read on the host, so "
@@ -492,11 +569,12 @@ class QwenFamily(Family):
         return QwenViewGeometry(cell=cell, min_pixels=budget, max_pixels=budget).grid(view.source_size)
 
     def build_model(self, arch: Arch, view: View, device, dtype, attn_implementation: str):
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        import transformers
 
+        config_class, model_class = (getattr(transformers, name) for name in self.model_classes)
         tokens = arch.tokens
         ids = {name: tokens[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        config = Qwen2_5_VLConfig(
+        config = config_class(
             text_config={**arch.text, **ids}, vision_config=dict(arch.vision),
             image_token_id=tokens["image_token_id"], video_token_id=tokens["video_token_id"],
             vision_start_token_id=tokens["vision_start_token_id"], vision_end_token_id=tokens["vision_end_token_id"],
@@ -505,10 +583,11 @@ class QwenFamily(Family):
         config._attn_implementation = attn_implementation
         torch.manual_seed(0)
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
+            model = model_class._from_config(config, dtype=dtype).eval()
         model.generation_config.pad_token_id = tokens["pad_token_id"]
         model.generation_config.eos_token_id = None  # random weights: always generate --new-tokens tokens
-        return model, qwen_image_processor(view.image_tokens, self.cell(arch))
+        return model, qwen_image_processor(view.image_tokens, arch.vision["patch_size"],
+                                           arch.vision["spatial_merge_size"])
 
     def build_inputs(self, model, processor, batch: int, view: View, device) -> tuple[dict, list]:
         config = model.config
@@ -521,10 +600,11 @@ class QwenFamily(Family):
         rows = []
         for row, grid in enumerate(vision["image_grid_thw"].tolist()):
             question = QUESTION_LENGTHS[row % len(QUESTION_LENGTHS)]
-            words = random_words(generator, QWEN_PROMPT_PREFIX + question + QWEN_PROMPT_SUFFIX, 0, ordinary)
+            prefix = self.prompt_prefix
+            words = random_words(generator, prefix + question + QWEN_PROMPT_SUFFIX, 0, ordinary)
             image = torch.full((math.prod(grid) // merge**2,), config.image_token_id)
-            rows.append(torch.cat([words[:QWEN_PROMPT_PREFIX], torch.tensor([config.vision_start_token_id]), image,
-                                   torch.tensor([config.vision_end_token_id]), words[QWEN_PROMPT_PREFIX:]]))
+            rows.append(torch.cat([words[:prefix], torch.tensor([config.vision_start_token_id]), image,
+                                   torch.tensor([config.vision_end_token_id]), words[prefix:]]))
         input_ids, attention_mask = left_padded(rows, model.generation_config.pad_token_id)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                 "mm_token_type_ids": (input_ids == config.image_token_id).int().to(device),
@@ -547,7 +627,18 @@ class QwenFamily(Family):
         return grids
 
 
-FAMILIES = {family.name: family for family in (LlavaFamily(), QwenFamily())}
+class Qwen3Family(QwenFamily):
+    """Qwen2.5-VL's bench with Qwen3-VL's model, prompt and ViT (no windows, deepstack mergers)."""
+
+    name, label = "qwen3_vl", "Qwen3-VL"
+    model_classes = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")
+    prompt_prefix = QWEN3_PROMPT_PREFIX
+
+    def vision_flops(self, config, grid: tuple[int, int]) -> float:
+        return qwen3_vision_flops(config.vision_config, grid)
+
+
+FAMILIES = {family.name: family for family in (LlavaFamily(), QwenFamily(), Qwen3Family())}
 
 
 def family_of(arch: Arch | str) -> Family:
@@ -930,20 +1021,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated, of: {', '.join(METHODS)} (default: LLaVA "
                              f"{FAMILIES['llava'].default_methods}; "
-                             f"Qwen2.5-VL {FAMILIES['qwen2_5_vl'].default_methods})")
+                             f"Qwen {FAMILIES['qwen2_5_vl'].default_methods})")
     parser.add_argument("--modes", default=None,
                         help=f"engine modes of sdrpn and sdrpn-compiled, comma-separated: "
-                             f"{', '.join(ENGINE_MODES)} (default: every mode the family runs; Qwen2.5-VL runs "
+                             f"{', '.join(ENGINE_MODES)} (default: every mode the family runs; Qwen runs "
                              "trimmed only)")
     parser.add_argument("--rois", default=DEFAULT_ROIS,
                         help=f"RoI configurations, comma-separated: box:F, masked:F, none, rpn (default {DEFAULT_ROIS}: "
                              "with random weights the RPN proposes no RoI, so one is forced)")
     parser.add_argument("--source-size", type=image_size, default=None, metavar="WxH",
                         help=f"source image size (default: LLaVA {'x'.join(map(str, SOURCE_SIZE))}, "
-                             f"Qwen2.5-VL {'x'.join(map(str, QWEN_SOURCE_SIZE))})")
+                             f"Qwen {'x'.join(map(str, QWEN_SOURCE_SIZE))})")
     parser.add_argument("--image-tokens", type=int, default=None, metavar="N",
-                        help=f"Qwen2.5-VL only: every view's pixel budget in tokens, min_pixels = max_pixels = "
-                             f"N * 28 * 28 (default {QWEN_IMAGE_TOKENS})")
+                        help=f"Qwen only: every view's pixel budget in tokens, min_pixels = max_pixels = N "
+                             f"cells (28 x 28 pixels Qwen2.5-VL, 32 x 32 Qwen3-VL) (default {QWEN_IMAGE_TOKENS})")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -952,10 +1043,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wall time (default), or the process's CPU time: CPU only, with --threads 1, "
                              "steadier than wall time on a machine other work keeps busy")
     parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--json-key", default=None, metavar="KEY",
+                        help="add the run to --json's object of runs under KEY, keeping its other runs (several "
+                             "runs in one file)")
     parser.add_argument("--check-args", action="store_true", help="validate the arguments, print the plan and exit")
     args = parser.parse_args(argv)
     arch = ARCHS[args.arch]
     family = family_of(arch)
+    if args.json_key is not None and args.json is None:
+        parser.error("--json-key needs --json")
     if arch.full_size and not args.random_weights:
         parser.error(f"--arch {args.arch} needs --random-weights (no checkpoint can be loaded here)")
     for name in ("batch", "new_tokens", "repeats"):
@@ -973,7 +1069,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag}: unknown or none: {', '.join(unknown)}; choose from {', '.join(known)}")
     foreign = [method for method in args.methods if method not in family.methods]
     if foreign:
-        parser.error(f"--methods {','.join(foreign)}: LLaVA-only (they use LLaVA's fixed 336-pixel view); "
+        parser.error(f"--methods {','.join(foreign)}: measured on LLaVA only (their FLOP floor here is LLaVA's); "
                      f"{args.arch} measures {', '.join(family.methods)}")
     unsupported = [mode for mode in args.modes if mode not in family.modes]
     if unsupported:
@@ -1058,6 +1154,16 @@ def print_report(record: dict, records: dict, args) -> None:
               f"without one (the baseline's visual tokens); force a RoI with box:F or masked:F", file=sys.stderr)
 
 
+def write_json(path: str, record: dict, key: str | None = None) -> None:
+    """Writes ``record`` to ``path``; with ``key``, into the object of runs that ``path`` holds (or
+    a new one), under ``key``."""
+    if key is not None:
+        runs = json.loads(open(path).read()) if os.path.exists(path) else {}
+        record = {**runs, key: record}
+    with open(path, "w") as file:
+        json.dump(record, file, indent=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = plan(args.methods, args.modes, args.rois)
@@ -1105,8 +1211,7 @@ def main(argv=None) -> int:
     }
     print_report(record, records, args)
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(record, file, indent=1)
+        write_json(args.json, record, args.json_key)
         print(f"wrote {args.json}")
     return 0
 

@@ -9,8 +9,9 @@
 #
 # Results go to $OUT when it is set (the device machine), else to
 # benchmarks/results/<device>-<date>/: summary.txt (one line per step: exit code, seconds),
-# NOTES.md (the GPU targets, for whoever reads the run to fill in), one JSON per benchmark and
-# logs.tar.gz (every step's log). That is 10 files; keep it at 10 at most, so that they all come
+# NOTES.md (the GPU targets, for whoever reads the run to fill in), one JSON per benchmark, except
+# that the Qwen e2e steps share e2e_qwen.json (one run per step, under the step's name), and
+# logs.tar.gz (every step's log). That is 9 files; keep it at 10 at most, so that they all come
 # back from a device run. logs.tar.gz is rewritten after every step, so a run stopped at its time
 # limit still returns what it did.
 #
@@ -44,9 +45,10 @@ TAIL_S=${TAIL_S:-10}
 MIN_STEP_S=${MIN_STEP_S:-20}
 DRY_RUN=${SUITE_DRY_RUN:-0}
 # New model families' e2e benchmarks (random weights) join after e2e_7b_b8 as their bench_e2e.py
-# archs land, one step per batch size, each a JSON in the results: Qwen2.5-VL 7B is there
-# (e2e_qwen7b_b1, e2e_qwen7b_b8); Qwen3-VL 4B is next (mind the 10-file limit above).
-ALL_STEPS="environment build validate tests e2e_7b_b1 e2e_7b_b8 e2e_qwen7b_b1 e2e_qwen7b_b8 bench_kernels bench_distill_7b bench_distill_tiny ctest"
+# archs land, one step per batch size. A JSON each would have passed the 10-file limit above with
+# Qwen3-VL, so the Qwen steps (Qwen2.5-VL 7B at batch 1 and 8, Qwen3-VL 4B at batch 8) write into
+# one e2e_qwen.json, keyed by step: later Qwen sizes or batches cost no file.
+ALL_STEPS="environment build validate tests e2e_7b_b1 e2e_7b_b8 e2e_qwen7b_b1 e2e_qwen7b_b8 e2e_qwen3_4b_b8 bench_kernels bench_distill_7b bench_distill_tiny ctest"
 STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for name in $STEPS; do  # a typo in SUITE_STEPS must not cost a device run
     case " $ALL_STEPS " in *" $name "*) ;; *) echo "unknown step '$name'; the steps are: $ALL_STEPS" >&2; exit 2 ;; esac
@@ -57,6 +59,7 @@ RESULTS=${OUT:-benchmarks/results/${device_slug:-unknown-gpu}-$(date +%Y-%m-%d)}
 mkdir -p "$RESULTS"
 summary="$RESULTS/summary.txt"
 : > "$summary"
+rm -f "$RESULTS/e2e_qwen.json"  # the Qwen steps add their runs to it: none from an earlier suite run
 failed=0
 WORK=$(mktemp -d)
 LOGS="$WORK/logs"
@@ -182,17 +185,20 @@ run_step() {
             --device cuda --dtype bfloat16 --batch "$batch" --new-tokens 16 --warmup 1 --repeats 3 \
             --rois box:0.25,masked:0.3,none --methods "$methods" --json "$RESULTS/$1.json"
         step "$1" "${COMMAND[@]}" ;;
-    e2e_qwen7b_b1 | e2e_qwen7b_b8)
-        # Qwen2.5-VL-7B (K=16, T=3), random weights, 1000x750 images at a fixed 576-token budget
-        # (20x27-token views). The engine's trimmed mode only: the processor sizes each RoI view by
-        # its crop. Same RoIs as LLaVA's: box:0.25 is one region under Qwen's masked rule (its crop
+    e2e_qwen7b_b1 | e2e_qwen7b_b8 | e2e_qwen3_4b_b8)
+        # Qwen2.5-VL-7B (K=16, T=3) and Qwen3-VL-4B (K=21, T=3: sdrpn's preset, none was released),
+        # random weights, 1000x750 images at a fixed 576-token budget (20x27-token views of 28- and
+        # 32-pixel cells). The engine's trimmed mode only: the processor sizes each RoI view by its
+        # crop. Same RoIs as LLaVA's: box:0.25 is one region under Qwen's masked rule (its crop
         # zoomed to the budget, every token kept), masked:0.3 two corner regions (the whole image
-        # re-encoded, about 30% of its tokens kept), none. sdrpn-reference at batch 1 only.
-        local batch=${1##*_b} methods=baseline,sdrpn
+        # re-encoded, about 30% of its tokens kept), none. sdrpn-reference at batch 1 only; Qwen3-VL
+        # at batch 8 only, for the budget (its fast path against the reference: the CPU tests).
+        local batch=${1##*_b} methods=baseline,sdrpn arch=qwen2.5-vl-7b
         [ "$batch" = 1 ] && methods+=,sdrpn-reference
-        python_command --check-args benchmarks/bench_e2e.py --arch qwen2.5-vl-7b --random-weights \
+        case $1 in e2e_qwen3_*) arch=qwen3-vl-4b ;; esac
+        python_command --check-args benchmarks/bench_e2e.py --arch "$arch" --random-weights \
             --device cuda --dtype bfloat16 --batch "$batch" --new-tokens 16 --warmup 1 --repeats 3 \
-            --rois box:0.25,masked:0.3,none --methods "$methods" --json "$RESULTS/$1.json"
+            --rois box:0.25,masked:0.3,none --methods "$methods" --json "$RESULTS/e2e_qwen.json" --json-key "$1"
         step "$1" "${COMMAND[@]}" ;;
     bench_kernels)
         python_command parse benchmarks/bench_kernels.py --device cuda --json "$RESULTS/bench_kernels.json"

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -198,7 +199,7 @@ class RPN(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         rope_position_ids: torch.Tensor | None = None,
-        image_lengths: torch.Tensor | None = None,
+        image_lengths: torch.Tensor | Sequence[int] | None = None,
         question_start: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RoI logits of the image tokens.
@@ -215,7 +216,9 @@ class RPN(nn.Module):
                 (multi-axis RoPE, see :mod:`sdrpn.models.base`).
             image_lengths: (B,) image tokens of each sample, when they differ (views of their own
                 grid) and ``image_positions`` is the (B,) first index: N is then the largest, and a
-                sample's logits beyond its own count are -inf.
+                sample's logits beyond its own count are -inf. A tensor or host ints: N sizes the
+                output, so a tensor's largest count is read on the host (a graph break under
+                ``torch.compile``), which host ints spare.
             question_start: where the question's tokens start (the same index in every row); given,
                 the scores of every real token from there on against the image tokens are returned too.
 
@@ -242,8 +245,9 @@ class RPN(nn.Module):
             if image_lengths is None:
                 offsets = torch.arange(self.image_grid[0] * self.image_grid[1], device=device)
             else:
-                image_lengths = image_lengths.to(device)
-                offsets = torch.arange(int(image_lengths.max()), device=device)
+                longest = int(image_lengths.max()) if torch.is_tensor(image_lengths) else max(image_lengths)
+                image_lengths = torch.as_tensor(image_lengths, device=device)
+                offsets = torch.arange(longest, device=device)
                 beyond = offsets >= image_lengths[:, None]
                 offsets = torch.minimum(offsets, image_lengths[:, None] - 1)  # a real token, scored then masked
             image_positions = image_positions[:, None] + offsets

@@ -1,7 +1,8 @@
 """benchmarks/bench_e2e.py on the CPU: its RoI configurations give the upscaling they name, its
 argument check refuses what would measure something else, a tiny LLaVA run measures the engine both
-ways (sync-free and trimmed) side by side, and a tiny Qwen2.5-VL run (trimmed only) writes the same
-JSON fields, with its fast path equal to the reference."""
+ways (sync-free and trimmed) side by side, and tiny Qwen2.5-VL and Qwen3-VL runs (trimmed only) write
+the same JSON fields, with their fast path equal to the reference; the Qwen FLOP models count what
+the towers and decoders compute."""
 
 from __future__ import annotations
 
@@ -97,6 +98,18 @@ def test_check_args_validates_and_stops(capsys):
     assert stopped.value.code == 2
 
 
+def test_runs_given_a_key_share_one_json_file(tmp_path, capsys):
+    path = tmp_path / "e2e_qwen.json"
+    bench.write_json(str(path), {"batch": 1}, "e2e_qwen7b_b1")
+    bench.write_json(str(path), {"batch": 8}, "e2e_qwen3_4b_b8")
+    assert json.loads(path.read_text()) == {"e2e_qwen7b_b1": {"batch": 1}, "e2e_qwen3_4b_b8": {"batch": 8}}
+    bench.write_json(str(path), {"batch": 2})  # without a key the file is the run
+    assert json.loads(path.read_text()) == {"batch": 2}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--json-key", "b1", "--check-args"])
+    assert "--json-key needs --json" in capsys.readouterr().err
+
+
 def run_main(arguments: list[str]) -> int:
     """``bench.main``, leaving torch's thread count as it was (the runs use one thread: on a shared
     2-core machine, two threads that wait on each other run many times slower)."""
@@ -141,12 +154,28 @@ def qwen_proposal(spec: str, grid=QWEN_GRID):
     return propose(logits, grid, QWEN_OPTIONS)
 
 
-def test_the_qwen_defaults_are_its_realistic_view_and_the_trimmed_mode():
-    args = bench.parse_args(["--arch", "qwen2.5-vl-7b", "--random-weights", "--check-args"])
+@pytest.mark.parametrize("name, depth", [("qwen2.5-vl-7b", (16, 3, 28, 32)), ("qwen3-vl-4b", (21, 3, 36, 24))])
+def test_the_qwen_defaults_are_its_realistic_view_and_the_trimmed_mode(name, depth):
+    # Qwen3-VL's 32-pixel cells at the same 576-token budget give Qwen2.5-VL's 20 x 27 view.
+    args = bench.parse_args(["--arch", name, "--random-weights", "--check-args"])
     assert args.grid == QWEN_GRID and args.view == bench.View((1000, 750), 576)
     assert args.modes == ["trimmed"] and args.methods == ["baseline", "sdrpn", "sdrpn-reference"]
-    arch = bench.ARCHS["qwen2.5-vl-7b"]
-    assert (arch.start_layer, arch.num_blocks, arch.text["num_hidden_layers"], arch.vision["depth"]) == (16, 3, 28, 32)
+    arch = bench.ARCHS[name]
+    assert (arch.start_layer, arch.num_blocks, arch.text["num_hidden_layers"], arch.vision["depth"]) == depth
+
+
+def test_the_qwen3_4b_is_qwen3_vl_4b_instruct():
+    # Its config.json: 36 layers of 2560 (32 heads of 128, 8 KV heads), a 24-block ViT of 1024 with 16 heads,
+    # 16-pixel patches merged 2 x 2, deepstack after blocks 5, 11, 17; the RPN past the deepstack layers.
+    arch = bench.ARCHS["qwen3-vl-4b"]
+    text = {key: arch.text[key] for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "intermediate_size", "vocab_size")}
+    assert text == {"hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                    "intermediate_size": 9728, "vocab_size": 151936}
+    vision = arch.vision
+    assert (vision["hidden_size"], vision["num_heads"], vision["patch_size"], vision["spatial_merge_size"],
+            vision["deepstack_visual_indexes"], vision["out_hidden_size"]) == (1024, 16, 16, 2, [5, 11, 17], 2560)
+    assert arch.start_layer >= len(vision["deepstack_visual_indexes"]) and arch.tokens == bench.QWEN_TOKENS
 
 
 @pytest.mark.parametrize("spec, share", [("box:0.25", 140 / 540), ("box:0.6", 315 / 540), ("masked:0.3", 160 / 540),
@@ -173,7 +202,7 @@ def qwen_error(capsys, *arguments) -> str:
 
 @pytest.mark.parametrize("arguments, message", [
     (["--modes", "sync-free,trimmed"], "trimmed mode only (the processor sizes each RoI view by its crop"),
-    (["--methods", "sdrpn,vicrop"], "--methods vicrop: LLaVA-only"),
+    (["--methods", "sdrpn,vicrop"], "--methods vicrop: measured on LLaVA only"),
     (["--source-size", "1000by750"], "is not WIDTHxHEIGHT"),
     (["--image-tokens", "2"], "at least 4"),
     (["--image-tokens", "16", "--source-size", "160x120", "--rois", "masked:0.3"], "touch"),
@@ -201,19 +230,41 @@ def test_the_qwen_7b_plan_says_what_it_measures(capsys):
     assert "one region under the masked rule" in plan
 
 
-def test_the_qwen_vision_flops_are_what_the_tower_computes():
+def tiny_qwen(name: str, view):
+    """A tiny Qwen arch's model in eager attention (whose matmuls the FLOP counter sees) and one input."""
+    arch = bench.ARCHS[name]
+    family = bench.family_of(arch)
+    model, processor = family.build_model(arch, view, "cpu", torch.float32, "eager")
+    inputs, _ = family.build_inputs(model, processor, 1, view, "cpu")
+    return family, model, inputs
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_the_qwen_vision_flops_are_what_the_tower_computes(name):
+    # Qwen2.5-VL: windows cut at the edges of an 8 x 11 grid; Qwen3-VL: full attention, deepstack mergers.
     from torch.utils.flop_counter import FlopCounterMode
 
-    arch = bench.ARCHS["qwen2.5-vl-tiny"]
-    family = bench.family_of(arch)
-    view = family.view((500, 380), 100)  # 8 x 11 tokens: windows cut at the edges
-    model, processor = family.build_model(arch, view, "cpu", torch.float32, "eager")  # eager: bmm is counted
-    inputs, _ = family.build_inputs(model, processor, 1, view, "cpu")
+    view = bench.family_of(name).view((500, 380), 100)
+    family, model, inputs = tiny_qwen(name, view)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    grid = family.image_grid(arch, view)
+    grid = family.image_grid(bench.ARCHS[name], view)
     assert grid == (8, 11)
-    assert bench.qwen_vision_flops(model.config.vision_config, grid) == counter.get_total_flops()
+    assert family.vision_flops(model.config, grid) == counter.get_total_flops()
+
+
+def test_the_decoder_flops_use_the_configs_head_width():
+    # Qwen3-VL's heads are wider than hidden / heads (4B: 32 x 128 against 2560; the tiny arch's too).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    family, model, _ = tiny_qwen("qwen3-vl-tiny", bench.View((320, 240), 64))
+    text = model.config.text_config
+    assert text.num_attention_heads * text.head_dim > text.hidden_size
+    token = torch.randn(1, 1, text.hidden_size)  # one token: its attention is a 1 x 1 product per head
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.language_model(inputs_embeds=token)
+    # approx: transformers 5.17 builds the rotary tables by a (tiny) matmul, which the floor leaves out
+    assert bench.llm_flops(text, 1, 0, text.num_hidden_layers) == pytest.approx(counter.get_total_flops(), rel=1e-4)
 
 
 def test_the_floor_adds_the_question_rerun_and_the_roi_block():
@@ -234,10 +285,10 @@ def test_the_floor_adds_the_question_rerun_and_the_roi_block():
     assert with_roi == pytest.approx(expected)
 
 
-@pytest.fixture(scope="module")
-def qwen_record(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def qwen_record(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen") / "e2e.json"
-    assert run_main(["--arch", "qwen2.5-vl-tiny", "--device", "cpu", "--batch", "2", "--new-tokens", "2",
+    assert run_main(["--arch", request.param, "--device", "cpu", "--batch", "2", "--new-tokens", "2",
                      "--image-tokens", "64", "--source-size", "320x240", "--rois", "box:0.25,masked:0.3,none",
                      "--methods", "baseline,sdrpn,sdrpn-reference", "--repeats", "1", "--warmup", "0",
                      "--json", str(out)]) == 0
@@ -245,6 +296,7 @@ def qwen_record(tmp_path_factory):
 
 
 def test_a_tiny_qwen_run_writes_llavas_fields_and_its_fast_path_equals_the_reference(qwen_record, llava_record):
+    # Both families: a 320 x 240 image at 64 tokens is a 6 x 9 view (28- and 32-pixel cells alike).
     record = qwen_record
     assert set(record) == set(llava_record)
     for name in ("configs", "methods"):
@@ -252,7 +304,8 @@ def test_a_tiny_qwen_run_writes_llavas_fields_and_its_fast_path_equals_the_refer
     row_fields = set(llava_record["methods"]["baseline"])
     assert all(set(values) == row_fields for config in record["configs"].values()
                for values in config["methods"].values())
-    assert (record["family"], record["modes"], record["modes_available"]) == ("qwen2_5_vl", ["trimmed"], ["trimmed"])
+    assert record["family"] == bench.ARCHS[record["arch"]].family
+    assert (record["modes"], record["modes_available"]) == (["trimmed"], ["trimmed"])
     assert record["image_grid"] == [6, 9] and record["image_tokens"] == 54
     assert record["baseline_vs_generate_equal"] and list(record["methods"]) == ["baseline"]
     for config in record["configs"].values():

@@ -144,21 +144,26 @@ def test_a_dry_run_gets_every_step_past_its_argument_parsing(gpu_machine, tmp_pa
     for step in ("build", "validate", "bench_kernels", "bench_distill_7b", "bench_distill_tiny"):
         assert "command line parsed:" in log[step], log[step]
     assert "tests collected" in log["tests"] and " -n " not in lines["tests"]  # serial without xdist
-    for step in ("e2e_7b_b1", "e2e_7b_b8", "e2e_qwen7b_b1", "e2e_qwen7b_b8"):
+    for step in ("e2e_7b_b1", "e2e_7b_b8", "e2e_qwen7b_b1", "e2e_qwen7b_b8", "e2e_qwen3_4b_b8"):
         assert "arguments valid:" in log[step] and "masked:0.3" in log[step]
-    for step in ("e2e_qwen7b_b1", "e2e_qwen7b_b8"):  # Qwen2.5-VL-7B: its own view, the trimmed mode only
-        assert "qwen2.5-vl-7b on cuda (bfloat16)" in log[step] and "540-token view" in log[step]
+    qwen = {"e2e_qwen7b_b1": "qwen2.5-vl-7b", "e2e_qwen7b_b8": "qwen2.5-vl-7b", "e2e_qwen3_4b_b8": "qwen3-vl-4b"}
+    for step, arch in qwen.items():  # Qwen's own view, the trimmed mode only, one JSON for all of them
+        assert f"{arch} on cuda (bfloat16)" in log[step] and "540-token view" in log[step]
         assert "sdrpn/trimmed" in log[step] and "sdrpn/sync-free" not in log[step]
+        assert f"--json {tmp_path}/e2e_qwen.json --json-key {step}" in lines[step]
     assert "sdrpn-reference" in log["e2e_qwen7b_b1"] and "sdrpn-reference" not in log["e2e_qwen7b_b8"]
-    assert "--batch 8" in lines["e2e_qwen7b_b8"] and "--random-weights" in lines["e2e_qwen7b_b8"]
+    assert "sdrpn-reference" not in log["e2e_qwen3_4b_b8"]
+    for step in ("e2e_qwen7b_b8", "e2e_qwen3_4b_b8"):
+        assert "--batch 8" in lines[step] and "--random-weights" in lines[step]
+    # summary.txt, NOTES.md, logs.tar.gz and the JSONs the steps write (the Qwen steps share one)
+    written = {re.search(r"--json (\S+)", line).group(1) for line in lines.values() if "--json " in line}
+    assert 3 + len(written) <= 10
 
 
-def test_the_qwen_steps_follow_the_llava_ones_and_keep_the_results_within_ten_files():
-    assert ALL_STEPS.index("e2e_qwen7b_b1") == ALL_STEPS.index("e2e_7b_b8") + 1
-    assert ALL_STEPS.index("e2e_qwen7b_b8") == ALL_STEPS.index("e2e_qwen7b_b1") + 1
-    # summary.txt, NOTES.md, logs.tar.gz and one JSON per benchmark step
-    benchmarks = [step for step in ALL_STEPS if step.startswith(("e2e_", "bench_"))]
-    assert 3 + len(benchmarks) <= 10
+def test_the_qwen_steps_follow_the_llava_ones():
+    qwen = ["e2e_qwen7b_b1", "e2e_qwen7b_b8", "e2e_qwen3_4b_b8"]
+    start = ALL_STEPS.index("e2e_7b_b8") + 1
+    assert ALL_STEPS[start:start + len(qwen)] == qwen
 
 
 def checked_as_run(dry_command: str) -> str:

@@ -461,6 +461,16 @@ def test_one_calibration_sample_selects_nothing():
         scorer.select(3)
 
 
+def test_a_sink_detector_that_takes_every_token_is_named_as_the_reason():
+    from sdrpn.distill.heads import HeadScorer
+
+    rows = torch.rand(2, 2, 3, 16, generator=torch.Generator().manual_seed(0))
+    scorer = HeadScorer([3], num_heads=2)
+    scorer.update(3, rows, torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="the sink detector marked every image token of every sample as a sink"):
+        scorer.select(3)
+
+
 def test_sdrpn_heads_finds_the_sharp_head_and_label_reads_the_file(dataset, checkpoint, tmp_path, capsys):
     from sdrpn.cli import main
 

@@ -2,27 +2,25 @@
 answerers on the shipped tiny model, the JSONL task writer and the entry point.
 
 Without lmms-eval installed (the main environment), the two parts of it the plugin imports, the
-``lmms`` base class and ``Collator``, are replaced by stubs that do what lmms-eval 0.7.3's do; in
-the lmms-eval environment (``make lmms-eval-test``) the same tests run against the real ones.
+``lmms`` base class and ``Collator``, are replaced by stubs that do what lmms-eval 0.7.3's do
+(:mod:`helpers.lmms_eval_stubs`); in the lmms-eval environment (``make lmms-eval-test``) the same
+tests run against the real ones.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import json
 import subprocess
 import sys
-import types
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
+from helpers.lmms_eval_stubs import HAS_LMMS_EVAL, Request, plugin  # noqa: F401 (plugin: a fixture)
 from sdrpn.errors import UserError
 from sdrpn.eval.runner import Prediction
 from sdrpn.integrations import answerers, lmms_task
@@ -30,64 +28,6 @@ from sdrpn.integrations.answerers import AnswerSettings, load_answerer
 from sdrpn.integrations.lmms_model_args import parse_model_args
 from sdrpn.integrations.lmms_requests import GenerationOptions, question_text
 from sdrpn.testbed.shipped import SHIPPED_MODEL, SHIPPED_RPN
-
-HAS_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
-
-
-# ------------------------------------------------------------------------------------------------
-# lmms-eval stand-ins
-# ------------------------------------------------------------------------------------------------
-
-
-class StubLmms:
-    """lmms_eval.api.model.lmms: one process, and the task datasets the evaluator fills in."""
-
-    is_simple = True
-
-    def __init__(self):
-        self._rank, self._world_size, self.task_dict = 0, 1, {}
-
-
-class StubCollator:
-    """lmms_eval.utils.Collator(grouping=True): groups by generation options, sorts each group by
-    ``sort_fn``, cuts batches of ``n`` and puts results back in the original order."""
-
-    def __init__(self, arr, sort_fn, group_fn=lambda args: args[1], grouping=False):
-        self.items, self.sort_fn, self.group_fn = list(enumerate(arr)), sort_fn, group_fn
-        self.order = []
-
-    def get_batched(self, n=1, batch_fn=None):
-        groups = defaultdict(list)
-        for index, args in self.items:
-            groups[json.dumps(self.group_fn(args), sort_keys=True)].append((index, args))
-        for group in groups.values():
-            group = sorted(group, key=lambda item: self.sort_fn(item[1]))
-            self.order.extend(index for index, _ in group)
-            for start in range(0, len(group), n):
-                yield [args for _, args in group[start:start + n]]
-
-    def get_original(self, results):
-        original = [None] * len(self.items)
-        for index, result in zip(self.order, results):
-            original[index] = result
-        return original
-
-
-@pytest.fixture
-def plugin(monkeypatch):
-    """The plugin module, imported against lmms-eval or its stand-ins."""
-    if not HAS_LMMS_EVAL:
-        stubs = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
-                 "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
-                 "lmms_eval.utils": types.ModuleType("lmms_eval.utils")}
-        stubs["lmms_eval.api.model"].lmms = StubLmms
-        stubs["lmms_eval.utils"].Collator = StubCollator
-        for name, module in stubs.items():
-            monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "sdrpn.integrations.lmms_eval", raising=False)
-    module = importlib.import_module("sdrpn.integrations.lmms_eval")
-    yield module
-    sys.modules.pop("sdrpn.integrations.lmms_eval", None)
 
 
 class FakeAnswerer:
@@ -103,14 +43,6 @@ class FakeAnswerer:
         self.calls.append((list(prompts), max_new_tokens, [image.size for image in images]))
         return [Prediction(text=self.answers.get(prompt, f" {prompt} "), boxes=[[0.0, 0.0, 4.0, 4.0]],
                            visual_tokens=100 + len(prompt)) for prompt in prompts]
-
-
-@dataclass
-class Request:
-    """What the plugin reads of lmms_eval.api.instance.Instance."""
-
-    args: tuple
-    task_name: str = "toy"
 
 
 def make_model(plugin, monkeypatch, tmp_path, answerer=None, **model_args):

@@ -14,6 +14,7 @@ import torch
 
 from helpers.tiny_qwen import qwen_images, tiny_qwen2_5_vl
 from helpers.tiny_qwen_checkpoint import MAX_PIXELS, MIN_PIXELS, save_tiny_qwen_checkpoint
+from helpers.tiny_qwen_rpn import save_structured_rpn
 from sdrpn.cli import main
 from sdrpn.commands import common
 from sdrpn.models import processors
@@ -35,16 +36,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The checkpoint, an RPN for it whose random map keeps part of the image, and an image."""
-    from sdrpn import RPN
-
     root = tmp_path_factory.mktemp("qwen_cli")
     save_tiny_qwen_checkpoint(root / "model")
-    rpn = RPN.from_model(tiny_qwen2_5_vl(), 2, 2)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a map with structure: the tiny model's own q/k give logits near 0 everywhere
-        rpn.q_proj.weight.copy_(torch.randn(rpn.q_proj.weight.shape, generator=generator))
-        rpn.k_proj.weight.copy_(torch.randn(rpn.k_proj.weight.shape, generator=generator))
-    rpn.save_pretrained(root / "rpn")
+    save_structured_rpn(root / "rpn")
     qwen_images([SIZE], seed=3)[0].save(root / "image.png")
     return root
 

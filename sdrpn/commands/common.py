@@ -267,12 +267,11 @@ def load_processor(path: Path, model_type: str | None = None):
 
     try:
         return transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
-    except ImportError as exc:
+    except (ImportError, OSError, ValueError, KeyError, TypeError) as exc:
+        # Qwen2.5-VL's loader raises an ImportError without torchvision, Qwen3-VL's a ValueError.
         build = TORCHVISION_FREE_PROCESSORS.get(model_type)
         if build is None or not only_torchvision_missing(exc):
             raise UserError(f"--model {path}: cannot load the processor ({_first_line(exc)})") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--model {path}: cannot load the processor ({_first_line(exc)})") from exc
     try:
         processor = build(path)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
@@ -330,15 +329,19 @@ def match_processor_geometry(model, processor, geometry: str, source: str) -> No
 
 def check_rpn_layers(start_layer: int, num_blocks: int, num_layers: int) -> None:
     """``--K``/``--T`` against a model of ``num_layers`` layers: the RPN spans layers K .. K+T-1, which
-    must exist. A bad pair is a user error that says the valid range and a pair to start from (K at
-    LLaVA-1.5's relative depth, 15 of 32)."""
+    must exist. A bad pair is a user error that says the valid range and a pair to start from."""
     if 0 <= start_layer < num_layers and 1 <= num_blocks <= num_layers - start_layer:
         return
-    suggested = min(round(num_layers * 15 / 32), num_layers - 1)
-    raise UserError(
-        f"--K {start_layer} --T {num_blocks}: the RPN spans layers K .. K+T-1, and this model has {num_layers} "
-        f"layers (0 .. {num_layers - 1}): K must be 0 .. {num_layers - 1} and T 1 .. {num_layers} - K "
-        f"(for example --K {suggested} --T {min(3, num_layers - suggested)})")
+    raise UserError(f"--K {start_layer} --T {num_blocks}: {rpn_layer_range(num_layers)}")
+
+
+def rpn_layer_range(num_layers: int, relative_depth: float = 15 / 32) -> str:
+    """The ``--K``/``--T`` pairs a model of ``num_layers`` layers allows, and one to start from: K at
+    ``relative_depth`` of the depth (by default LLaVA-1.5's, 15 of 32), T 3."""
+    suggested = min(round(num_layers * relative_depth), num_layers - 1)
+    return (f"the RPN spans layers K .. K+T-1, and this model has {num_layers} layers (0 .. {num_layers - 1}): "
+            f"K must be 0 .. {num_layers - 1} and T 1 .. {num_layers} - K "
+            f"(for example --K {suggested} --T {min(3, num_layers - suggested)})")
 
 
 def load_rpn(args: argparse.Namespace, model):

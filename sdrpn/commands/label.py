@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="grounding heads: LAYER:HEAD,HEAD[;LAYER:...] (e.g. 14:13,24,26), a file "
                                 "written by `sdrpn heads`, or a preset: "
                                 f"{', '.join(HEAD_PRESETS)} (default: the family's, llava-1.5-7b for LLaVA; "
-                                "Qwen needs one, its heads differ by size and image kind)")
+                                "Qwen needs one, its heads differ by size and image kind; none were released "
+                                "for Qwen3-VL: run `sdrpn heads`)")
     add_sink_arguments(parser)
 
     labels = parser.add_argument_group("labels")
@@ -153,8 +154,7 @@ def _options(args: argparse.Namespace, family):
 
     heads = args.heads or family.default_label_heads
     if heads is None:
-        raise UserError(f"--heads is needed for a {family.family} model: its grounding heads differ by size and "
-                        f"image kind; use a preset ({', '.join(HEAD_PRESETS)}) or a file written by `sdrpn heads`")
+        raise _heads_needed(family)
     try:
         heads = HeadSelection.parse(heads)
     except ValueError as exc:
@@ -172,6 +172,21 @@ def _options(args: argparse.Namespace, family):
                         question_rewrite=args.question_rewrite, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, shard_size=args.shard_size, flush_seconds=args.flush_seconds,
                         prompt=args.prompt)
+
+
+def _family_head_presets(family) -> list[str]:
+    """The grounding-head presets of ``family``'s models (named after its models' RPN depth presets)."""
+    models = tuple(family.rpn_depth_presets.values())
+    return [name for name in HEAD_PRESETS if models and name.startswith(models)]
+
+
+def _heads_needed(family) -> UserError:
+    presets = _family_head_presets(family)
+    if not presets:
+        return UserError(f"--heads is needed for a {family.family} model, and none were released for it: run "
+                         f"`sdrpn heads` on calibration data first and pass the file it writes (--heads heads.json)")
+    return UserError(f"--heads is needed for a {family.family} model: its grounding heads differ by size and image "
+                     f"kind; use a preset ({', '.join(presets)}) or a file written by `sdrpn heads`")
 
 
 def model_family(args: argparse.Namespace):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .common import add_model_arguments, existing_dir, positive_int, probability
+from .common import add_model_arguments, existing_dir, positive_int, probability, rpn_layer_range
 
 HELP = "Train an RPN on pseudo-labels and save it with RPN.save_pretrained."
 EPILOG = """\
@@ -40,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     rpn = parser.add_argument_group("RPN")
     rpn.add_argument("--K", type=int, dest="start_layer",
-                     help="first model layer the RPN replaces; layers below run frozen (default: the authors' K "
-                          "for the model: 15 for LLaVA-1.5-7B/13B, 16 for Qwen2.5-VL-7B, 21 for 3B; other models "
-                          "need it; 0 .. the model's layers - 1)")
+                     help="first model layer the RPN replaces; layers below run frozen (default: the preset K "
+                          "for the model: the authors' 15 for LLaVA-1.5-7B/13B, 16 for Qwen2.5-VL-7B, 21 for 3B; "
+                          "for Qwen3-VL, none released, 16 for 2B, 21 for 4B/8B, 37 for 32B at the same relative "
+                          "depth; other models need it; 0 .. the model's layers - 1)")
     rpn.add_argument("--T", type=positive_int, dest="num_blocks",
-                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default: the authors' T "
+                     help="layers spanned by the RPN: T-1 decoder blocks + the q/k head (default: the preset T "
                           "for the model, 3; K+T at most the model's layers)")
 
     recipe = parser.add_argument_group("recipe")
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def rpn_depth(args: argparse.Namespace) -> tuple[int, int]:
-    """``(K, T)``: the arguments, or where not given the authors' depth for ``--model`` (its family
+    """``(K, T)``: the arguments, or where not given the preset depth for ``--model`` (its family
     and decoder layers, read off config.json)."""
     if args.start_layer is not None and args.num_blocks is not None:
         return args.start_layer, args.num_blocks
@@ -134,9 +135,9 @@ def rpn_depth(args: argparse.Namespace) -> tuple[int, int]:
         raise UserError(f"--model {args.model}: cannot read its config ({exc})") from None
     layers = config.get_text_config(decoder=True).num_hidden_layers
     preset = family.rpn_depth_presets.get(layers)
-    if preset is None:
+    if preset is None:  # the suggested pair sits at the authors' Qwen2.5-VL-7B depth, 16 of 28 layers
         raise UserError(f"--model {args.model}: no released RPN depth for a {layers}-layer model of this family; "
-                        f"give --K and --T (the authors' sit at about 0.57 of the depth, T 3)")
+                        f"give --K and --T: {rpn_layer_range(layers, relative_depth=16 / 28)}")
     depth = RPN_DEPTH_PRESETS[preset]
     return (depth.start_layer if args.start_layer is None else args.start_layer,
             depth.num_blocks if args.num_blocks is None else args.num_blocks)

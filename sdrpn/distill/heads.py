@@ -32,6 +32,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..issues import report_issue
 from ..prompts import PromptTemplate
 from .attention import AttentionReader, CaptureRequest
@@ -72,8 +73,14 @@ RPN_DEPTH_PRESETS = {
     "qwen2.5-vl-7b": RPNDepth(16, 3),
     # Qwen2.5-VL/qwen-vl-finetune/scripts/A6000/finetune_roi_fix_res.sh:18-19.
     "qwen2.5-vl-3b": RPNDepth(21, 3),
+    # Qwen3-VL: none released. K at the relative depth of the authors' Qwen2.5-VL choices (16 of 28,
+    # 21 of 36 layers: ~0.57), T 3; K >= 3 in any case, past the deepstack layers 0-2. Keyed by depth:
+    # 2B has 28 decoder layers, 4B and 8B 36, 32B 64 (their config.json).
+    "qwen3-vl-2b": RPNDepth(16, 3),
+    "qwen3-vl-4b/8b": RPNDepth(21, 3),
+    "qwen3-vl-32b": RPNDepth(37, 3),
 }
-"""The authors' K and T per model."""
+"""K and T per model: the authors' where they released an RPN, else chosen by relative depth."""
 
 SELECTION_FORMAT = "sdrpn-heads/1"
 
@@ -162,6 +169,7 @@ class HeadScorer:
         self._entropy = torch.zeros(shape, dtype=torch.float64)
         self._map_sum: torch.Tensor | None = None      # (layers, heads, N): the sum of the maps p
         self._samples = torch.zeros(len(self.layers), dtype=torch.float64)
+        self._all_sinks = torch.zeros(len(self.layers), dtype=torch.float64)  # samples left with no map
 
     def update(self, layer: int, rows: torch.Tensor, query_mask: torch.Tensor, sink: torch.Tensor) -> None:
         """Add one batch of one layer.
@@ -193,6 +201,7 @@ class HeadScorer:
         self._entropy[slot] += entropy[keep].sum(dim=0).double().cpu()
         self._map_sum[slot] += probabilities[keep].sum(dim=0).double().cpu()
         self._samples[slot] += int(keep.sum())
+        self._all_sinks[slot] += int(sink[keep].all(dim=1).sum())
 
     @property
     def samples(self) -> int:
@@ -224,12 +233,19 @@ class HeadScorer:
             raise ValueError("no calibration sample had an answer to score the heads on")
         table = self.table()
         if table[0]["score"] <= 0.0:
-            raise ValueError(f"every head scores 0 over the {self.samples} usable calibration sample(s): a head's "
-                             f"score needs maps that differ between questions; give at least "
-                             f"{RECOMMENDED_SAMPLES} usable records")
+            raise ValueError(f"every head scores 0 over the {self.samples} usable calibration sample(s): "
+                             + self._why_no_score())
         floor = min_score_ratio * table[0]["score"]
         # Scores are >= 0, so the best head always passes a floor of at most its own score.
         return HeadSelection(tuple((entry["layer"], entry["head"]) for entry in table[:top] if entry["score"] >= floor))
+
+    def _why_no_score(self) -> str:
+        """Why no head scored: the sink detector took every image token, or too few samples."""
+        if self._all_sinks.max() > 0 and torch.equal(self._all_sinks, self._samples):
+            return ("the sink detector marked every image token of every sample as a sink, which leaves no map to "
+                    "score: raise --sink-threshold or detect sinks elsewhere (--sink-layer, --sink-heads, --sink none)")
+        return (f"a head's score needs maps that differ between questions; give at least {RECOMMENDED_SAMPLES} "
+                f"usable records")
 
 
 def format_table(entries: list[dict], selected: HeadSelection | None = None, limit: int | None = 20) -> str:
@@ -258,6 +274,21 @@ def parse_layer_range(text: str, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def check_sink_detector(sink: SinkSpec, grounding_layer: int, num_layers: int, num_heads: int) -> None:
+    """A :class:`~sdrpn.errors.UserError` naming the option when ``sink`` (read with ``grounding_layer``
+    the first grounding layer) reads a layer or head that a model of that size lacks."""
+    if sink.heads is not None:
+        selection = HeadSelection(sink.heads)
+        try:
+            selection.check(num_layers, num_heads)
+        except ValueError as exc:
+            raise UserError(f"sink heads {selection} (--sink-heads or --sink-preset): {exc}") from None
+        return
+    layer = sink.resolved_layer(grounding_layer)
+    if layer is not None and layer >= num_layers:
+        raise UserError(f"--sink-layer {layer}: the model has {num_layers} layers (0 .. {num_layers - 1})")
+
+
 def calibrate_heads(model, processor, records: Sequence[Record], image_root: str | Path, layers: Sequence[int],
                     sink: SinkSpec, batch_size: int = 8, max_new_tokens: int = 128, progress: bool = True,
                     prompt=None) -> tuple[HeadScorer, list[RecordIssue]]:
@@ -278,6 +309,7 @@ def calibrate_heads(model, processor, records: Sequence[Record], image_root: str
     reader = AttentionReader(model, adapter.labelling_processor(processor), max_new_tokens, adapter, prompt)
     grid = tuple(int(size) for size in adapter.image_grid)
     grounding_layer = min(layers)
+    check_sink_detector(sink, grounding_layer, adapter.num_layers, adapter.num_heads)
     request = CaptureRequest({layer: tuple(range(adapter.num_heads)) for layer in layers}).merge(
         sink.request(grounding_layer, adapter.num_heads))
     scorer = HeadScorer(list(layers), adapter.num_heads)

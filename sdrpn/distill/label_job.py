@@ -42,7 +42,7 @@ from ..issues import RecordIssue, issues_summary, report_issue
 from ..models.base import LabellingView, ModelAdapter
 from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_named
 from .attention import AttentionReader, Capture, CaptureRequest, grounding_map
-from .heads import HeadSelection
+from .heads import HeadSelection, check_sink_detector
 from .labels import QUESTION_REWRITES, LabelRules, QuestionRewrite, assign_labels, is_valid
 from .records import Record, open_record_image
 from .shards import (
@@ -191,14 +191,7 @@ class Labeller:
         except ValueError as exc:
             raise UserError(f"--heads {options.heads}: {exc}") from None
         self.grounding_layer = min(options.heads.by_layer)
-        sink_layer = options.sink.resolved_layer(self.grounding_layer)
-        if options.sink.heads is not None:
-            try:
-                HeadSelection(options.sink.heads).check(adapter.num_layers, adapter.num_heads)
-            except ValueError as exc:
-                raise UserError(f"--sink-heads {HeadSelection(options.sink.heads)}: {exc}") from None
-        elif sink_layer is not None and sink_layer >= adapter.num_layers:
-            raise UserError(f"--sink-layer {sink_layer}: the model has {adapter.num_layers} layers")
+        check_sink_detector(options.sink, self.grounding_layer, adapter.num_layers, adapter.num_heads)
         self.request = CaptureRequest(options.heads.by_layer).merge(
             options.sink.request(self.grounding_layer, adapter.num_heads))
 

@@ -502,6 +502,10 @@ class Trainer:
         if not 0 <= options.start_layer or options.start_layer + options.num_blocks > self.adapter.num_layers:
             raise UserError(f"--K {options.start_layer} --T {options.num_blocks}: the RPN spans layers K .. K+T-1, "
                             f"which must lie in the model's {self.adapter.num_layers} layers")
+        injected = self.adapter.injection_layers
+        if injected and options.start_layer <= max(injected):  # Qwen3-VL's deepstack: inference would refuse the RPN
+            raise UserError(f"--K {options.start_layer}: {self.adapter.family} adds image features after layers "
+                            f"{list(injected)}, and SD-RPN reuses stage 1's cache only from K >= {max(injected) + 1}")
         world = self.context.world_size
         if options.batch_size % (world * options.grad_accum):
             raise UserError(f"--batch-size {options.batch_size} must be a multiple of processes x --grad-accum "

@@ -214,7 +214,7 @@ def reference_generate(
         count = grid[0] * grid[1]
         prunes = options.prune_above is not None and count > options.prune_above
         logits = rpn(hidden, ids.shape[1] - 1, embedded.image_start, rope_position_ids=embedded.rope_position_ids,
-                     image_lengths=torch.tensor([count]), question_start=image_end if prunes else None)
+                     image_lengths=[count], question_start=image_end if prunes else None)
         logits, question = logits if prunes else (logits, None)
         if roi_logits is not None:  # (B, H, W), a row's grid at its top left, or (B, H * W)
             forced = roi_logits[sample]

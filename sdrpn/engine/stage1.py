@@ -98,8 +98,8 @@ def run_stage1(adapter: ModelAdapter, rpn: RPN, layout: PromptLayout, pixel_valu
     hidden = adapter.run_layers(embedded.inputs_embeds, 0, rpn.start_layer, embedded.position_ids,
                                 attention_mask, cache, rope, embedded.layer_additions)
     # Views of the family's fixed grid need no per-row counts (nor their host read in the RPN).
-    lengths = None if set(grids) == {tuple(adapter.image_grid)} else layout.image_lengths
     counts = [rows * cols for rows, cols in grids]
+    lengths = None if set(grids) == {tuple(adapter.image_grid)} else counts  # host ints: no read under compile
     prunes = options.prune_above is not None and max(counts) > options.prune_above
     proposal, question = proposal_fn(rpn, hidden, layout.image_start, attention_mask, embedded.position_ids,
                                      grids, options, roi_logits, rope, lengths,

@@ -59,17 +59,22 @@ def build_engine(model, processor, rpn=None, threshold: float | None = None, str
 
     adapter = adapter_for(model, processor)
     if rpn is None:
-        rpn, prompt = _stand_in_rpn(model), template_for(prompt, adapter)
+        rpn, prompt = _stand_in_rpn(model, adapter), template_for(prompt, adapter)
     options = RoIOptions(**{**adapter.roi_defaults, "max_regions": max_regions})
-    return SDRPN(model, rpn, processor, strategy=strategy, threshold=threshold, roi_options=options, prompt=prompt)
+    try:
+        return SDRPN(adapter, rpn, processor, strategy=strategy, threshold=threshold, roi_options=options,
+                     prompt=prompt)
+    except ValueError as exc:  # an RPN this model cannot run (e.g. below Qwen3-VL's injection layers)
+        raise UserError(f"--rpn: {exc}") from None
 
 
-def _stand_in_rpn(model):
+def _stand_in_rpn(model, adapter):
     """An untrained one-layer RPN, because :class:`sdrpn.SDRPN` is built around one even for the
-    methods that never read it; they are the only ones an engine without ``--rpn`` runs."""
+    methods that never read it; they are the only ones an engine without ``--rpn`` runs. It sits
+    past the layers where the family injects image features, where an RPN may sit."""
     from ..rpn import RPN
 
-    return RPN.from_model(model, 0, 1)
+    return RPN.from_model(model, max(adapter.injection_layers, default=-1) + 1, 1)
 
 
 def resolve_threshold(rpn, threshold: float | str | None, option: str = "--threshold") -> float | None:

@@ -79,11 +79,10 @@ class PlainAnswerer:
         from ..models import adapter_for
         from ..prompts import template_for
 
-        adapter = adapter_for(model, processor)
+        self.adapter = adapter_for(model, processor)
         self.model = model
         self.processor = processor
-        self.template = template_for(prompt, adapter)
-        self.visual_tokens = adapter.image_length
+        self.template = template_for(prompt, self.adapter)
 
     def answer(self, images, prompts, max_new_tokens):
         import torch
@@ -95,7 +94,9 @@ class PlainAnswerer:
         with torch.inference_mode():
             sequences = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         answers = self.processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [Prediction(text=text.strip(), boxes=[], visual_tokens=self.visual_tokens) for text in answers]
+        # Per image: views of their own grid (Qwen) differ in size.
+        counts = self.adapter.image_token_counts(self.adapter.vision_input(inputs))
+        return [Prediction(text=text.strip(), boxes=[], visual_tokens=count) for text, count in zip(answers, counts)]
 
 
 def load_answerer(settings: AnswerSettings) -> Answerer:

@@ -321,7 +321,8 @@ class ModelAdapter(abc.ABC):
     default_label_heads: str | None = None
     default_label_rules: str = "llava-1.5"
     default_sink_preset: str | None = None
-    # The authors' RPN depth (sdrpn.distill.heads.RPN_DEPTH_PRESETS) by the model's decoder layers.
+    # The RPN depth preset (sdrpn.distill.heads.RPN_DEPTH_PRESETS: the authors' where released) by the
+    # model's decoder layers.
     rpn_depth_presets: dict = {}
     # Whether RoI views have the family's fixed input size and are cut, resized and encoded on the
     # device (sync-free stage 2); False where the processor encodes each crop at a size of its own.

@@ -1,8 +1,8 @@
 """Processors of local checkpoints where transformers' own loader needs more than images do.
 
-transformers' Qwen2.5-VL processor insists on a video processor, and every video processor needs
-torchvision; machines without it (CPU-only setups with a CPU build of torch) can still process
-images. :data:`TORCHVISION_FREE_PROCESSORS` builds such a family's processor without it.
+transformers' Qwen2.5-VL and Qwen3-VL processors insist on a video processor, and every video
+processor needs torchvision; machines without it (CPU-only setups with a CPU build of torch) can
+still process images. :data:`TORCHVISION_FREE_PROCESSORS` builds such a family's processor without it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["TORCHVISION_FREE_PROCESSORS", "only_torchvision_missing", "no_video_processor"]
 
 
-def only_torchvision_missing(exc: ImportError) -> bool:
+def only_torchvision_missing(exc: Exception) -> bool:
     """Whether ``exc`` is transformers saying that torchvision is required, and torchvision is indeed
     not installed (an installed torchvision that fails to load is another problem, left to show)."""
     from transformers.utils import is_torchvision_available
@@ -59,8 +59,10 @@ def no_video_processor(image_processor):
     return _no_video_processor_class()(image_processor)
 
 
-def _qwen2_5_vl_processor_without_torchvision(path: Path):
-    """``Qwen2_5_VLProcessor`` of a local Qwen2.5-VL checkpoint, built without torchvision.
+def _qwen_processor_without_torchvision(processor_name: str, path: Path):
+    """``processor_name`` (``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``) of a local checkpoint of
+    its family, built without torchvision. Both families use the Qwen2-VL image processor (Qwen3-VL
+    with its own patch size, mean and std, read from the checkpoint) and frame an image alike.
 
     What ``AutoProcessor`` would build, less the video processor: the tokenizer
     (``AutoTokenizer``), the chat template and any other processor settings the directory records
@@ -78,13 +80,15 @@ def _qwen2_5_vl_processor_without_torchvision(path: Path):
     "BaseVideoProcessor"), so no object, not even None, passes it. The narrowest way around is to skip
     that one check on this one instance while it is built, and to give it a stand-in that refuses
     videos; the tokenizer and the image processor are still checked, transformers is not changed,
-    and the object is a plain ``Qwen2_5_VLProcessor``. With torchvision installed, ``AutoProcessor``
+    and the object is a plain ``processor_name``. With torchvision installed, ``AutoProcessor``
     is used and none of this runs.
     """
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    settings, _ = Qwen2_5_VLProcessor.get_processor_dict(path, local_files_only=True)
+    processor_class = getattr(transformers, processor_name)
+    settings, _ = processor_class.get_processor_dict(path, local_files_only=True)
     image_config = settings.pop("image_processor", None)  # newer processor_config.json nests its sub-processors
     settings.pop("video_processor", None)
     settings.pop("processor_class", None)
@@ -95,7 +99,7 @@ def _qwen2_5_vl_processor_without_torchvision(path: Path):
         image_processor = Qwen2VLImageProcessorPil(**image_config)
     else:
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    processor = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
+    processor = processor_class.__new__(processor_class)
     checked = processor.check_argument_for_proper_class
 
     def check(argument_name, argument):
@@ -112,5 +116,12 @@ def _qwen2_5_vl_processor_without_torchvision(path: Path):
     return processor
 
 
-# model_type -> builder of the checkpoint's processor without torchvision (see load_processor).
-TORCHVISION_FREE_PROCESSORS = {"qwen2_5_vl": _qwen2_5_vl_processor_without_torchvision}
+_qwen2_5_vl_processor_without_torchvision = functools.partial(_qwen_processor_without_torchvision,
+                                                              "Qwen2_5_VLProcessor")
+_qwen3_vl_processor_without_torchvision = functools.partial(_qwen_processor_without_torchvision, "Qwen3VLProcessor")
+
+# model_type -> builder of the checkpoint's processor without torchvision (see load_processor); the
+# Qwen3-VL mixture-of-experts checkpoints name the dense model's processor.
+TORCHVISION_FREE_PROCESSORS = {"qwen2_5_vl": _qwen2_5_vl_processor_without_torchvision,
+                               "qwen3_vl": _qwen3_vl_processor_without_torchvision,
+                               "qwen3_vl_moe": _qwen3_vl_processor_without_torchvision}

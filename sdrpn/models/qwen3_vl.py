@@ -52,7 +52,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """
 
     family = "qwen3_vl"
-    rpn_depth_presets = {}  # none released: --K and --T must be given (Qwen2.5-VL's sit at ~0.57 of the depth)
+    # None released: K at the authors' Qwen2.5-VL relative depth (~0.57), T 3 (sdrpn.distill.heads).
+    rpn_depth_presets = {28: "qwen3-vl-2b", 36: "qwen3-vl-4b/8b", 64: "qwen3-vl-32b"}
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)

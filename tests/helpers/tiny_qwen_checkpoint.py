@@ -5,6 +5,8 @@ weights (``save_pretrained``), a word-level tokenizer with Qwen's special tokens
 
 The model is :func:`helpers.tiny_qwen.tiny_qwen2_5_vl` (its token ids are the tokenizer's). No
 torchvision is needed to write it; ``AutoProcessor`` reads it where torchvision is installed.
+:func:`write_qwen_checkpoint` writes any tiny Qwen model with these ids (Qwen3-VL:
+:mod:`helpers.tiny_qwen3_checkpoint`).
 
     directory = save_tiny_qwen_checkpoint(tmp_path / "qwen")
     tokenizer = tiny_qwen_tokenizer()
@@ -17,8 +19,8 @@ from pathlib import Path
 
 from helpers.tiny_qwen import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, tiny_qwen2_5_vl
 
-__all__ = ["save_tiny_qwen_checkpoint", "tiny_qwen_tokenizer", "preprocessor_config", "CHAT_TEMPLATE", "MIN_PIXELS",
-           "MAX_PIXELS", "IM_START", "IM_END"]
+__all__ = ["save_tiny_qwen_checkpoint", "write_qwen_checkpoint", "tiny_qwen_tokenizer", "preprocessor_config",
+           "CHAT_TEMPLATE", "QWEN3_CHAT_TEMPLATE", "MIN_PIXELS", "MAX_PIXELS", "IM_START", "IM_END"]
 
 # Token ids: the model's (helpers.tiny_qwen) plus the chat markers; <|im_end|> ends an answer as in
 # Qwen's generation config.
@@ -32,12 +34,13 @@ WORDS = (
     "one two three four five yes no answer question single phrase using image picture this that there it "
     "store street car cat dog book page table chart value price time letter board"
 ).split()
+DEFAULT_SYSTEM_PROMPT = ("{% if loop.first and message['role'] != 'system' %}"
+                         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 # Qwen2.5-VL's chat template, cut to what one image and a question need (the released one also
 # handles videos, tool calls and numbered pictures).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + DEFAULT_SYSTEM_PROMPT +
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}"
@@ -47,6 +50,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL's frames messages the same way but adds no system prompt of its own.
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(DEFAULT_SYSTEM_PROMPT, "")
 # Small views keep the tiny model fast: 4 to 64 tokens (28 x 28 pixels each).
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
 
@@ -94,14 +99,18 @@ def preprocessor_config(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXE
 def save_tiny_qwen_checkpoint(directory, seed: int = 0, min_pixels: int = MIN_PIXELS,
                               max_pixels: int = MAX_PIXELS) -> Path:
     """Writes the tiny model, its tokenizer, chat template and image-processor config; returns the directory."""
+    return write_qwen_checkpoint(directory, tiny_qwen2_5_vl(seed=seed), CHAT_TEMPLATE,
+                                 preprocessor_config(min_pixels, max_pixels))
+
+
+def write_qwen_checkpoint(directory, model, chat_template: str, preprocessor: dict) -> Path:
+    """Writes ``model`` (token ids of :mod:`helpers.tiny_qwen`; answers end at <|im_end|>), the
+    tokenizer, ``chat_template`` and ``preprocessor`` as preprocessor_config.json; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = tiny_qwen2_5_vl(seed=seed)
     model.generation_config.eos_token_id = [IM_END]
     model.save_pretrained(directory)
-    tokenizer = tiny_qwen_tokenizer()
-    tokenizer.save_pretrained(directory)
-    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    config = preprocessor_config(min_pixels, max_pixels)
-    (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+    tiny_qwen_tokenizer().save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(chat_template)
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return directory
