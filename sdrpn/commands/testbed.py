@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--val", type=non_negative_int, default=500, help="validation questions (default 500)")
     generate.add_argument("--test", type=non_negative_int, default=1000, help="test questions (default 1000)")
     generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_design_argument(generate, "what the images and questions look like")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = actions.add_parser("train-model", help="train the tiny LLaVA from scratch on the train split",
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", required=True, type=Path, metavar="DIR",
                        help="model directory (save_pretrained) and checkpoint")
     train.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation (default 0)")
+    _add_design_argument(train, "the recipe of the data set's design; the options below change it")
     train.add_argument("--steps", type=positive_int, help="optimizer steps (default: the recipe's)")
     train.add_argument("--batch-size", type=positive_int, help="questions per step (default: the recipe's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -99,6 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _add_design_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    from ..data.synthetic import DEFAULT_DESIGN, DESIGNS
+
+    parser.add_argument("--design", choices=tuple(DESIGNS), default=DEFAULT_DESIGN,
+                        help=f"{what} (default {DEFAULT_DESIGN}, the shipped model's; one-detail: only the "
+                             f"named shape holds a number)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "generate":
         return _generate(args)
@@ -108,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..data.synthetic import generate_dataset
+    from ..data.synthetic import DESIGNS, generate_dataset
 
     manifest = generate_dataset(args.out, args.train, args.val, args.test, seed=args.seed,
-                                progress=not args.no_progress)
+                                config=DESIGNS[args.design], progress=not args.no_progress)
     splits = ", ".join(f"{count} {split}" for split, count in manifest["splits"].items())
     print(f"{args.out}: {splits} questions (seed {manifest['seed']})")
     return 0
@@ -122,7 +132,7 @@ def _train_model(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..testbed.train_model import TrainModelOptions, train_model
+    from ..testbed.train_model import DESIGN_RECIPES, train_model
 
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
@@ -131,7 +141,7 @@ def _train_model(args: argparse.Namespace) -> int:
     changes = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                "eval_every": args.eval_every, "vision_steps": args.vision_steps, "refine_steps": args.refine_steps,
                "bf16": args.precision == "bf16"}
-    options = dataclasses.replace(TrainModelOptions(), **{k: v for k, v in changes.items() if v is not None})
+    options = dataclasses.replace(DESIGN_RECIPES[args.design], **{k: v for k, v in changes.items() if v is not None})
     if options.bf16:  # the tiny model trains on the CPU
         warn_if_cpu_bfloat16_is_emulated("--precision bf16", "--precision fp32")
     summary = train_model(args.data, args.out, options, progress=not args.no_progress)

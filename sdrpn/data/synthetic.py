@@ -18,6 +18,11 @@ of the train and validation images are *coarse*: larger shapes (128-168 pixels) 
 twice as large, readable at the base resolution. Their records have ``"subset": "coarse"``,
 the others ``"fine"``; the test split holds fine questions only.
 
+That is the ``"classic"`` design, the shipped model's. :data:`DESIGNS` names the others: in
+``"one-detail"`` only the named shape holds a number (the other shapes are blank), its colour is
+unique, and the number is drawn at 4 pixels per font pixel (about 5 pixels tall at 96 pixels):
+the answer has one place to look, shown by the question and by the image alike.
+
 Shapes are placed inside the central square of the image, the part that a processor which resizes
 the short side and centre-crops (llava-hf) keeps; images have several aspect ratios, portrait and
 landscape, so that the mapping between token grid and source pixels matters.
@@ -50,6 +55,8 @@ from ..eval.datasets.base import SHORT_ANSWER
 
 __all__ = [
     "COLORS",
+    "DEFAULT_DESIGN",
+    "DESIGNS",
     "SHAPES",
     "QUESTION_TEMPLATES",
     "SPLITS",
@@ -58,6 +65,7 @@ __all__ = [
     "SyntheticSample",
     "generate_dataset",
     "make_sample",
+    "manifest_config",
     "sample_rng",
     "split_sample",
     "vocabulary",
@@ -88,6 +96,7 @@ QUESTION_TEMPLATES = (
     "Read the number in the {color} {shape}.",
 )
 BACKGROUNDS = ("solid", "gradient", "stripes", "checker", "noise")
+NUMBERED = ("all", "target")
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ class SyntheticConfig:
         coarse_rates: share of coarse images in the train, val and test splits.
         min_gap: minimum number of pixels between two shapes.
         dark_background_rate: probability of a dark instead of a pale background.
+        numbered: which shapes hold a number: ``"all"``, or ``"target"`` alone (the other shapes
+            are blank, so the image itself shows where the detail is).
     """
 
     short_side: tuple[int, int] = (512, 640)
@@ -120,8 +131,11 @@ class SyntheticConfig:
     coarse_rates: tuple[float, float, float] = (0.3, 0.3, 0.0)
     min_gap: int = 16
     dark_background_rate: float = 0.25
+    numbered: str = "all"
 
     def __post_init__(self):
+        if self.numbered not in NUMBERED:
+            raise ValueError(f"numbered must be one of {NUMBERED}, got {self.numbered!r}")
         low, high = self.shapes_per_image
         if not 1 <= low <= high <= len(COLORS):
             raise ValueError(f"shapes_per_image must be within [1, {len(COLORS)}], got {self.shapes_per_image}")
@@ -151,16 +165,16 @@ class Shape:
     Attributes:
         kind: one of :data:`SHAPES`.
         color: one of :data:`COLORS`.
-        number: the two digits it holds.
+        number: the two digits it holds ("" for a blank shape).
         box: its extent ``[x0, y0, x1, y1)`` in source pixels.
-        text_box: the extent of the digits' ink ``[x0, y0, x1, y1)``.
+        text_box: the extent of the digits' ink ``[x0, y0, x1, y1)`` (None for a blank shape).
     """
 
     kind: str
     color: str
     number: str
     box: tuple[int, int, int, int]
-    text_box: tuple[int, int, int, int]
+    text_box: tuple[int, int, int, int] | None
 
 
 @dataclass
@@ -303,6 +317,18 @@ def _place(rng: np.random.Generator, sizes: list[int], area, gap: int) -> list[t
     return boxes
 
 
+# Named designs of the data set. "classic" is the one the shipped model was trained on. In
+# "one-detail" only the named shape holds a number, so the answer's attention has one place to go
+# (the image shows it as well as the question), its colour is unique, and the number is drawn a
+# little larger: still unreadable at the base resolution, readable in a zoomed view.
+DESIGNS: dict[str, SyntheticConfig] = {
+    "classic": SyntheticConfig(),
+    "one-detail": SyntheticConfig(numbered="target", shapes_per_image=(2, 5), lookalike_rate=0.0,
+                                  digit_scale=4, shape_size=(88, 112)),
+}
+DEFAULT_DESIGN = "classic"
+
+
 def make_sample(rng: np.random.Generator, config: SyntheticConfig | None = None, coarse: bool = False
                 ) -> SyntheticSample:
     """Draws one image and a question about one of its shapes (a coarse image if ``coarse``)."""
@@ -330,10 +356,13 @@ def make_sample(rng: np.random.Generator, config: SyntheticConfig | None = None,
     for (color, kind), box in zip(looks, boxes):
         if box is None:
             continue
-        number = str(int(rng.integers(10, 100)))
+        number = str(int(rng.integers(10, 100)))  # drawn for every shape: each design keeps one rng stream
+        _draw_shape(draw, kind, box, COLORS[color])
+        if shapes and config.numbered == "target":
+            shapes.append(Shape(kind=kind, color=color, number="", box=box, text_box=None))
+            continue
         ink = _digits_mask(number, digit_scale)
         x, y = _text_origin(kind, box, ink.size)
-        _draw_shape(draw, kind, box, COLORS[color])
         image.paste(_ink_color(COLORS[color]), (x, y, x + ink.width, y + ink.height), ink)
         shapes.append(Shape(kind=kind, color=color, number=number, box=box,
                             text_box=(x, y, x + ink.width, y + ink.height)))
@@ -384,12 +413,21 @@ def _record(split: str, index: int, sample: SyntheticSample, image_path: str) ->
         "detail_box": list(target.text_box),
         # Every number in the image with its ink box: dense supervision for the testbed model's
         # vision warm start (sdrpn.testbed.vision_warmup).
-        "details": [{"number": shape.number, "box": list(shape.text_box)} for shape in sample.shapes],
+        "details": [{"number": shape.number, "box": list(shape.text_box)} for shape in sample.shapes if shape.number],
         "target": {"color": target.color, "shape": target.kind},
         "subset": "coarse" if sample.coarse else "fine",
         "num_shapes": len(sample.shapes),
         "image_size": list(sample.image.size),
     }
+
+
+def manifest_config(config: SyntheticConfig) -> dict:
+    """The configuration as the manifest holds it. ``numbered`` is left out at "all", so data sets
+    written before it existed keep their manifest (and the checkpoints trained on them resume)."""
+    record = asdict(config)
+    if record["numbered"] == "all":
+        del record["numbered"]
+    return record
 
 
 def _manifest(seed: int, counts: dict[str, int], config: SyntheticConfig, complete: bool) -> dict:
@@ -398,7 +436,7 @@ def _manifest(seed: int, counts: dict[str, int], config: SyntheticConfig, comple
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "splits": counts,
-        "config": asdict(config),
+        "config": manifest_config(config),
         "complete": complete,
     }
 

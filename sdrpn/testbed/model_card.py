@@ -34,20 +34,39 @@ def _warm_start(recipe: dict, history: list[dict]) -> list[str]:
             f"the language model train"]
 
 
+_DESIGN_TEXT = {"one-detail": "coloured shapes, the one a question names holding a small two-digit number"}
 _FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
           "vision_steps": "--vision-steps", "refine_steps": "--refine-steps"}
 
 
-def _command(recipe: dict) -> str:
-    """The train-model command line of ``recipe``, and the recipe keys no flag sets that differ
-    from the defaults."""
-    from .train_model import TrainModelOptions
+def _design(data: dict) -> str | None:
+    """The generator design of a data set's manifest (None: a configuration no design names).
+    Manifests written before designs existed hold the classic configuration or none."""
+    from ..data.synthetic import DEFAULT_DESIGN, DESIGNS, manifest_config
 
-    defaults = json.loads(json.dumps(TrainModelOptions().recipe()))  # as training.json holds it
+    if "config" not in data:
+        return DEFAULT_DESIGN
+    return next((name for name, config in DESIGNS.items()
+                 if json.loads(json.dumps(manifest_config(config))) == data["config"]), None)
+
+
+def _design_flag(design: str | None) -> str:
+    from ..data.synthetic import DEFAULT_DESIGN
+
+    return f" --design {design}" if design not in (None, DEFAULT_DESIGN) else ""
+
+
+def _command(recipe: dict, design: str | None) -> str:
+    """The train-model command line of ``recipe``, and the recipe keys no flag sets that differ
+    from the design's recipe."""
+    from .train_model import DESIGN_RECIPES, TrainModelOptions
+
+    # as training.json holds it
+    defaults = json.loads(json.dumps(DESIGN_RECIPES.get(design, TrainModelOptions()).recipe()))
     flags = [f"{flag} {recipe[key]:g}" for key, flag in _FLAGS.items()
              if key in recipe and (key == "seed" or recipe[key] != defaults[key])]
     other = [key for key in recipe if key not in _FLAGS and recipe[key] != defaults.get(key)]
-    line = f"`sdrpn testbed train-model --data DIR --out DIR {' '.join(flags)}`"
+    line = f"`sdrpn testbed train-model --data DIR --out DIR{_design_flag(design)} {' '.join(flags)}`"
     return line + (f" with a recipe that differs from the script's defaults in {', '.join(other)}" if other else "")
 
 
@@ -55,11 +74,13 @@ def model_card(summary: dict) -> str:
     """The card's Markdown for a ``training.json`` summary."""
     recipe, spec, data, env = summary["recipe"], summary["spec"], summary["data"], summary["environment"]
     splits = ", ".join(f"{count} {split}" for split, count in data["splits"].items())
+    design = _design(data)
     return "\n".join([
         "# Tiny LLaVA of the sdrpn testbed",
         "",
         "A `transformers.LlavaForConditionalGeneration` trained from scratch on the synthetic fine-grained VQA of",
-        "`sdrpn.data.synthetic` (coloured shapes holding small two-digit numbers). It cannot read a fine number at",
+        f"`sdrpn.data.synthetic` ({_DESIGN_TEXT.get(design, 'coloured shapes holding small two-digit numbers')}). "
+        "It cannot read a fine number at",
         "its base resolution; given a zoomed second view of the shape after the original image tokens (SD-RPN's",
         "stage-2 layout) it can. How well its own attention finds that shape is what `sdrpn testbed run` measures.",
         "It exists to test SD-RPN end to end on a CPU; it knows nothing else.",
@@ -76,8 +97,8 @@ def model_card(summary: dict) -> str:
         "",
         "## Training",
         "",
-        f"- data: `sdrpn testbed generate --seed {data['seed']}` ({splits} questions)",
-        f"- command: {_command(recipe)}",
+        f"- data: `sdrpn testbed generate --seed {data['seed']}{_design_flag(design)}` ({splits} questions)",
+        f"- command: {_command(recipe, design)}",
         *_warm_start(recipe, summary.get("vision_history", [])),
         f"- recipe: {recipe['steps']} steps of {recipe['batch_size']} questions, AdamW (0.9, 0.98), peak lr "
         f"{recipe['lr']:g} after {recipe['warmup_steps']} warmup steps, cosine to {recipe['min_lr_ratio']:g}x, "

@@ -43,7 +43,7 @@ from .model_card import write_model_card
 from .tiny_model import TinyLlavaSpec, build_model, build_processor
 from .vision_warmup import warm_start_vision
 
-__all__ = ["TrainModelOptions", "answer_logits", "evaluate", "loss_and_correct", "train_model"]
+__all__ = ["DESIGN_RECIPES", "TrainModelOptions", "answer_logits", "evaluate", "loss_and_correct", "train_model"]
 
 CHECKPOINT = "checkpoint.pt"
 TRAINING_LOG = "training.json"
@@ -72,6 +72,8 @@ class TrainModelOptions:
             (:mod:`sdrpn.testbed.vision_warmup`; 0 skips it).
         vision_batch_size: questions per warm-start step (each gives two views).
         vision_lr: the warm start's peak learning rate.
+        vision_marks_details: the warm start gives the tokens of numbers unreadable in a base view a
+            class of their own instead of ignoring them (:mod:`sdrpn.testbed.vision_warmup`).
         freeze_vision: keep the vision tower fixed while the projector and the language model
             train (LLaVA's recipe with a pretrained CLIP).
         refine_steps, refine_lr: steps after the main schedule, at a constant learning rate, with
@@ -99,6 +101,7 @@ class TrainModelOptions:
     vision_steps: int = 1500
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
+    vision_marks_details: bool = False
     freeze_vision: bool = True
     refine_steps: int = 1250
     refine_lr: float = 5e-4
@@ -115,9 +118,20 @@ class TrainModelOptions:
         return self.steps + self.refine_steps
 
     def recipe(self) -> dict:
-        """The options that change the trained weights (a checkpoint resumes only under the same)."""
+        """The options that change the trained weights (a checkpoint resumes only under the same).
+        ``vision_marks_details`` is left out when off, as in the recipes written before it existed."""
         return {key: value for key, value in asdict(self).items()
-                if key not in ("eval_every", "eval_samples", "save_every")}
+                if key not in ("eval_every", "eval_samples", "save_every")
+                and (key != "vision_marks_details" or value)}
+
+
+# The recipe of each data-set design (:data:`sdrpn.data.synthetic.DESIGNS`). In "one-detail" the
+# only number of an image is where the answer is, so the warm start marks where numbers are even
+# where it cannot read them: the answer's attention then has a feature to find in the base view.
+DESIGN_RECIPES: dict[str, TrainModelOptions] = {
+    "classic": TrainModelOptions(),
+    "one-detail": TrainModelOptions(vision_marks_details=True),
+}
 
 
 # ------------------------------------------------------------------------------------------------

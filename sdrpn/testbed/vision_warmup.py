@@ -7,7 +7,9 @@ record in ``benchmarks/results/testbed``). So ``train-model`` first trains the v
 with dense targets from the generator's ground truth: each image token of a view is classified as
 background, or as the tens or the ones digit whose glyph centre lies in its patch. The views are
 those the language model is then trained on, base views and the engine's RoI views; glyphs that
-are unreadable in a view (fine numbers in a base view) are ignored rather than called background.
+are unreadable in a view (fine numbers in a base view) are ignored rather than called background,
+or, with ``vision_marks_details``, given a class of their own: "a detail is here", which a pretrained CLIP
+sees in text too small to read, and which the answer's attention can then find in the base view.
 The per-token classifier is thrown away afterwards; only the tower's weights are kept.
 """
 
@@ -26,15 +28,16 @@ __all__ = ["TokenDigitHead", "glyph_accuracy", "token_targets", "warm_start_visi
 
 BACKGROUND, IGNORE = 0, -100
 NUM_CLASSES = 21  # background, tens digit 0-9, ones digit 0-9
+DETAIL = NUM_CLASSES  # an unreadable glyph's token, an extra class when details are marked
 
 
 class TokenDigitHead(nn.Module):
-    """A linear classifier of each image token's features into :data:`NUM_CLASSES` classes."""
+    """A linear classifier of each image token's features into ``classes`` classes."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, classes: int = NUM_CLASSES):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.classify = nn.Linear(width, NUM_CLASSES)
+        self.classify = nn.Linear(width, classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.classify(self.norm(tokens))
@@ -48,14 +51,16 @@ def _glyph_centres(number: str, box) -> list[tuple[int, float, float]]:
     return [(1 + int(number[0]), x0 + (x1 - x0) / 4, y), (11 + int(number[1]), x0 + 3 * (x1 - x0) / 4, y)]
 
 
-def token_targets(details, to_view, view_size: int, grid: tuple[int, int], readable: bool) -> torch.Tensor:
+def token_targets(details, to_view, view_size: int, grid: tuple[int, int], readable: bool,
+                  unreadable: int = IGNORE) -> torch.Tensor:
     """(H * W) int64 targets of one view.
 
     Args:
         details: ``(number, ink box)`` of every number in the source image.
         to_view: maps a source point ``(x, y)`` to view pixels.
         view_size: the square view's side in pixels.
-        readable: whether glyphs are labelled (else their tokens are ignored).
+        readable: whether glyphs are labelled with their digit (else with ``unreadable``).
+        unreadable: the target of an unreadable glyph's token: :data:`IGNORE` or :data:`DETAIL`.
     """
     rows, cols = grid
     targets = torch.full((rows * cols,), BACKGROUND, dtype=torch.int64)
@@ -64,12 +69,13 @@ def token_targets(details, to_view, view_size: int, grid: tuple[int, int], reada
             u, v = to_view(x, y)
             if 0 <= u < view_size and 0 <= v < view_size:
                 cell = int(v * rows / view_size) * cols + int(u * cols / view_size)
-                targets[cell] = label if readable else IGNORE
+                targets[cell] = label if readable else unreadable
     return targets
 
 
-def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
-    """(2B, H * W) targets of a batch's base views, then its RoI views."""
+def _batch_targets(batch, data, indices, geometry, grid, unreadable: int = IGNORE) -> torch.Tensor:
+    """(2B, H * W) targets of a batch's base views, then its RoI views (``unreadable``: the target
+    of a fine glyph's token in a base view)."""
     view_h, view_w = geometry.input_size
     base, roi = [], []
     for row, index in enumerate(indices):
@@ -85,14 +91,14 @@ def _batch_targets(batch, data, indices, geometry, grid) -> torch.Tensor:
         def to_roi(x, y, x0=x0, y0=y0, width=width, height=height):  # the crop is stretched to the view
             return (x - x0) * view_w / width, (y - y0) * view_h / height
 
-        base.append(token_targets(question.details, to_base, view_w, grid, question.subset == "coarse"))
+        base.append(token_targets(question.details, to_base, view_w, grid, question.subset == "coarse", unreadable))
         roi.append(token_targets(question.details, to_roi, view_w, grid, True))
     return torch.stack(base + roi)
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with glyph and background tokens weighted equally (glyphs are ~1% of tokens)."""
-    logits, targets = logits.reshape(-1, NUM_CLASSES), targets.reshape(-1)
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     glyph, background = targets > BACKGROUND, targets == BACKGROUND
     loss = nn.functional.cross_entropy(logits[background], targets[background])
     if glyph.any():
@@ -144,7 +150,9 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
     warmup = min(100, max(steps // 10, 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = TokenDigitHead(model.config.vision_config.hidden_size)
+        head = TokenDigitHead(model.config.vision_config.hidden_size,
+                              DETAIL + 1 if options.vision_marks_details else NUM_CLASSES)
+    unreadable = DETAIL if options.vision_marks_details else IGNORE
     parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=options.vision_lr, betas=(0.9, 0.98),
                                   weight_decay=options.weight_decay)
@@ -165,7 +173,7 @@ def warm_start_vision(model, adapter, processor, train, val, options, progress: 
         rng = np.random.default_rng([seed, 3, step])
         indices = batch_indices(step, options.vision_batch_size, len(train), seed + 1)
         batch = make_batch(train, indices, "box", processor, geometry, grid, rng, options.max_grow)
-        targets = _batch_targets(batch, train, indices, geometry, grid)
+        targets = _batch_targets(batch, train, indices, geometry, grid, unreadable)
         views = torch.cat([batch.pixel_values, batch.roi_pixel_values])
         with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=options.bf16):
             loss = _loss(head(_features(model, views.to(adapter.device))).float(), targets.to(adapter.device))
