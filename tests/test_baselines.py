@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.eager_attention import eager_relative_attention
 from helpers.logits import assert_same_step_logits
 from helpers.tiny_models import TINY_GRID, TINY_IMAGE, tiny_llava, tiny_prompt
 from sdrpn import RPN, SDRPN
@@ -57,18 +58,7 @@ def test_vicrop_attention_equals_eager_attention_rows(tiny):
     question = processor(images=images, text=[tiny_prompt(QUESTIONS[0])], return_tensors="pt")
     generic = processor(images=images, text=[tiny_prompt(GENERIC_PROMPT)], return_tensors="pt")
     layer = 2
-    rows = []
-    previous = model.config.text_config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            for inputs in (question, generic):
-                attentions = model(**inputs, output_attentions=True).attentions[layer]
-                start = int((inputs["input_ids"][0] == adapter.image_token_id).nonzero()[0])
-                rows.append(attentions[0, :, -1, start:start + adapter.image_length].mean(0))
-    finally:
-        model.set_attn_implementation(previous)
-    expected = (rows[0] / (rows[1] + 1e-8)).view(TINY_GRID)
+    expected = eager_relative_attention(model, question, generic, layer, adapter.image_token_id, TINY_GRID)
     with torch.no_grad():
         embedded = [adapter.embed(i["input_ids"], i["pixel_values"]) for i in (question, generic)]
         ratio = relative_attention(adapter, embedded[0], embedded[1], layer, [TINY_GRID])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.eager_attention import eager_relative_attention
 from helpers.tiny_qwen import assert_same_logits, qwen_images, qwen_inputs, tiny_qwen2_5_vl
 from helpers.tiny_qwen_checkpoint import save_tiny_qwen_checkpoint
 from sdrpn import RPN, SDRPN
@@ -81,17 +82,7 @@ def test_vicrop_attention_equals_eager_attention_rows(model, processor):
     images, question = inputs_of(engine, processor, [0])
     generic = processor(images=images, text=[engine.prompt(GENERIC_PROMPT)], return_tensors="pt")
     grid = tuple((question["image_grid_thw"][0, 1:] // 2).tolist())
-    rows = []
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            for inputs in (question, generic):
-                attentions = model(**inputs, output_attentions=True).attentions[layer]
-                start = int((inputs["input_ids"][0] == adapter.image_token_id).nonzero()[0])
-                rows.append(attentions[0, :, -1, start:start + grid[0] * grid[1]].mean(0))
-    finally:
-        model.set_attn_implementation("sdpa")
-    expected = (rows[0] / (rows[1] + 1e-8)).view(grid)
+    expected = eager_relative_attention(model, question, generic, layer, adapter.image_token_id, grid)
     with torch.no_grad():
         embedded = [adapter.embed(i["input_ids"], adapter.vision_input(i), i["attention_mask"])
                     for i in (question, generic)]

@@ -59,7 +59,7 @@ def build_engine(model, processor, rpn=None, threshold: float | None = None, str
 
     adapter = adapter_for(model, processor)
     if rpn is None:
-        rpn, prompt = _stand_in_rpn(model, adapter), template_for(prompt, adapter)
+        rpn, prompt = _stand_in_rpn(adapter), template_for(prompt, adapter)
     options = RoIOptions(**{**adapter.roi_defaults, "max_regions": max_regions})
     try:
         return SDRPN(adapter, rpn, processor, strategy=strategy, threshold=threshold, roi_options=options,
@@ -68,13 +68,13 @@ def build_engine(model, processor, rpn=None, threshold: float | None = None, str
         raise UserError(f"--rpn: {exc}") from None
 
 
-def _stand_in_rpn(model, adapter):
+def _stand_in_rpn(adapter):
     """An untrained one-layer RPN, because :class:`sdrpn.SDRPN` is built around one even for the
     methods that never read it; they are the only ones an engine without ``--rpn`` runs. It sits
     past the layers where the family injects image features, where an RPN may sit."""
     from ..rpn import RPN
 
-    return RPN.from_model(model, max(adapter.injection_layers, default=-1) + 1, 1)
+    return RPN.from_model(adapter.model, max(adapter.injection_layers, default=-1) + 1, 1)
 
 
 def resolve_threshold(rpn, threshold: float | str | None, option: str = "--threshold") -> float | None:
