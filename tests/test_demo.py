@@ -51,6 +51,59 @@ def test_demo_prints_the_table_and_writes_the_pictures(capsys, checkpoint, tmp_p
             assert image.size == split_sample(0, "test", index).image.size
 
 
+def _demo_row(capsys, arguments) -> tuple[str, str]:
+    """The header line and question 0's row of a one-question demo."""
+    status = main(["demo", "--questions", "1", "--device", "cpu", "--max-new-tokens", "3", *arguments])
+    printed, err = capsys.readouterr()
+    assert status == 0, err
+    lines = printed.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("#  question"))
+    return lines[0], lines[header + 1]
+
+
+def test_demo_asks_the_questions_of_the_design_the_model_was_trained_on(capsys, checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from sdrpn.data.synthetic import DESIGNS, manifest_config, split_sample
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint / "model", model)
+    (model / "training.json").write_text(json.dumps({"data": {"seed": 0, "config": manifest_config(
+        DESIGNS["one-detail"])}}))
+    one_detail, classic = split_sample(0, "test", 0, DESIGNS["one-detail"]), split_sample(0, "test", 0)
+    assert (one_detail.question, one_detail.answer) != (classic.question, classic.answer)
+    paths = ["--model", str(model), "--rpn", str(checkpoint / "rpn"), "--out", str(tmp_path / "out")]
+
+    first, row = _demo_row(capsys, paths)
+    assert "(one-detail design, seed 0)" in first
+    assert row.startswith(f"0  {one_detail.question}") and f"  {one_detail.answer}  " in row
+    first, row = _demo_row(capsys, [*paths, "--design", "classic"])  # the flag wins
+    assert "(classic design, seed 0)" in first
+    assert row.startswith(f"0  {classic.question}") and f"  {classic.answer}  " in row
+
+
+def test_the_trained_design_comes_from_training_json(tmp_path):
+    import json
+
+    from sdrpn.data.synthetic import DESIGNS, manifest_config
+    from sdrpn.errors import UserError
+    from sdrpn.testbed.train_model import trained_design
+
+    assert trained_design(tmp_path) is None  # no training.json
+    summary = tmp_path / "training.json"
+    for name, config in DESIGNS.items():
+        summary.write_text(json.dumps({"data": {"config": manifest_config(config)}}))
+        assert trained_design(tmp_path) == name
+    summary.write_text(json.dumps({"data": {"seed": 0}}))  # a manifest from before designs existed
+    assert trained_design(tmp_path) == "classic"
+    summary.write_text(json.dumps({"data": {"config": {"digit_scale": 9}}}))
+    assert trained_design(tmp_path) is None  # no design names it
+    summary.write_text("{")
+    with pytest.raises(UserError, match="training.json: not a training summary"):
+        trained_design(tmp_path)
+
+
 def test_missing_shipped_assets_are_a_one_line_error(capsys, monkeypatch, tmp_path):
     from sdrpn.testbed import shipped
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..data.synthetic import DEFAULT_DESIGN, DESIGNS
 from ..eval.datasets import short_answer_prompt
 from ..eval.metrics import exact_match
 from .common import add_model_arguments, add_threshold_argument, format_box, positive_int
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--questions", type=positive_int, default=6, metavar="N",
                       help="test questions to answer (default 6)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic test split (default 0)")
+    demo.add_argument("--design", choices=tuple(DESIGNS), default=None,
+                      help="design of the synthetic questions (default: the one the model was trained on, read "
+                           "from its training.json; classic without one)")
     demo.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                       help=f"where the images and roi.png go (default {DEFAULT_OUT})")
     add_threshold_argument(demo, "calibrated, else the RPN's default")
@@ -140,6 +144,13 @@ def _threshold(requested, rpn):
     return resolve_threshold(rpn, requested)
 
 
+def _design(args: argparse.Namespace) -> str:
+    """``--design``, by default the model's own (a question of another design is not what it learnt)."""
+    from ..testbed.train_model import trained_design
+
+    return args.design or trained_design(args.model) or DEFAULT_DESIGN
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.synthetic import split_sample
     from ..eval.predictors import EnginePredictor, build_engine
@@ -154,12 +165,13 @@ def run(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens)
     threshold = sdrpn.settings["threshold"]
 
-    samples = [split_sample(args.seed, "test", index) for index in range(args.questions)]
+    design = _design(args)
+    samples = [split_sample(args.seed, "test", index, DESIGNS[design]) for index in range(args.questions)]
     for predictor in (baseline, sdrpn):  # the first call of a process pays one-time setup: keep it untimed
         _answer(predictor, samples[0])
     answered = [Answered(sample, _answer(baseline, sample), _answer(sdrpn, sample)) for sample in samples]
 
-    print(f"{len(samples)} test questions of the synthetic testbed (seed {args.seed}); model {args.model}, "
+    print(f"{len(samples)} test questions of the synthetic testbed ({design} design, seed {args.seed}); model {args.model}, "
           f"RPN {args.rpn}, threshold {threshold:g}, device {engine.adapter.device}")
     print(format_table(answered))
     print(format_summary(answered))

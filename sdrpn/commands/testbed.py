@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--test-samples", type=positive_int, default=defaults.test_samples,
                       help=f"test questions to evaluate (default {defaults.test_samples})")
     loop.add_argument("--heads", metavar="SPEC", help="grounding heads LAYER:HEAD,... (default: run sdrpn heads)")
+    loop.add_argument("--heads-layers", metavar="RANGE",
+                      help="layers sdrpn heads scores: 1-4, 2 or 1,3 (default: its own, the middle third)")
     loop.add_argument("--sink-layer", type=int, default=defaults.sink_layer, metavar="L",
                       help=f"layer the attention-sink detector reads (default {defaults.sink_layer})")
     loop.add_argument("--sink-threshold", type=float, default=defaults.sink_threshold,
@@ -171,6 +173,7 @@ def _run_loop(args: argparse.Namespace) -> int:
         model = SHIPPED_MODEL
     options = dataclasses.replace(
         LoopOptions(), label_samples=args.label_samples, test_samples=args.test_samples, heads=args.heads,
+        heads_layers=args.heads_layers,
         sink_layer=args.sink_layer, sink_threshold=args.sink_threshold, rpn_epochs=args.rpn_epochs, rpn_lr=args.rpn_lr,
         rpn_batch_size=args.rpn_batch_size, batch_size=args.batch_size, threshold=args.threshold,
         ablation=not args.no_ablation, **({"fractions": ()} if args.no_data_efficiency else {}))

@@ -57,6 +57,7 @@ __all__ = [
     "COLORS",
     "DEFAULT_DESIGN",
     "DESIGNS",
+    "design_of",
     "SHAPES",
     "QUESTION_TEMPLATES",
     "SPLITS",
@@ -428,6 +429,16 @@ def manifest_config(config: SyntheticConfig) -> dict:
     if record["numbered"] == "all":
         del record["numbered"]
     return record
+
+
+def design_of(manifest: dict) -> str | None:
+    """The name of the design a manifest's configuration is, None where no design names it. Manifests
+    written before designs existed hold the classic configuration or none."""
+    if "config" not in manifest:
+        return DEFAULT_DESIGN
+    # the configuration as a JSON file holds it (tuples read back as lists)
+    return next((name for name, config in DESIGNS.items()
+                 if json.loads(json.dumps(manifest_config(config))) == manifest["config"]), None)
 
 
 def _manifest(seed: int, counts: dict[str, int], config: SyntheticConfig, complete: bool) -> dict:

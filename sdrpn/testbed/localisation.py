@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["box_iou", "enclosing_box", "prediction_ious", "label_ious", "mean"]
+__all__ = ["box_iou", "enclosing_box", "prediction_ious", "label_ious", "mean", "random_zoom_bound"]
 
 Box = Sequence[float]
 
@@ -44,6 +44,26 @@ def prediction_ious(records: Sequence[dict], truths: dict[str, Box]) -> dict[str
     source pixels) with the ground truth; questions without a ground-truth box are left out."""
     return {str(r["question_id"]): _iou_or_zero(r.get("boxes") or [], truths[str(r["question_id"])])
             for r in records if str(r["question_id"]) in truths}
+
+
+def _cover_chance(box: Box, size: tuple[int, int]) -> float:
+    """At most the chance that a box of ``box``'s size, placed uniformly at random inside an image of
+    ``size``, covers a given point: per axis, an extent ``e`` of ``E`` covers it for at most ``e`` of
+    the ``E - e`` positions."""
+    chance = 1.0
+    for extent, total in ((box[2] - box[0], size[0]), (box[3] - box[1], size[1])):
+        chance *= 1.0 if extent >= total / 2 else extent / (total - extent)
+    return chance
+
+
+def random_zoom_bound(records: Sequence[dict], sizes: dict[str, tuple[int, int]]) -> float | None:
+    """The most a random zoom with a method's RoI sizes could gain over the baseline: the mean chance
+    that a box the size of each question's RoI, at a random place, covers the detail, as if every
+    covered number were read. A gain above it needs the RoI to be in the right place."""
+    chances = [0.0 if (region := enclosing_box(r.get("boxes") or [])) is None
+               else _cover_chance(region, sizes[str(r["question_id"])])
+               for r in records if str(r["question_id"]) in sizes]
+    return mean(chances)
 
 
 def _foreground_box(labels: torch.Tensor) -> tuple[int, int, int, int] | None:

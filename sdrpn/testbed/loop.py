@@ -24,6 +24,7 @@ last use box upscaling, the last is the default ``sdrpn``. The summary goes to `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -54,6 +55,8 @@ class LoopOptions:
         test_samples: test questions evaluated.
         heads: grounding heads (``LAYER:HEAD,...``); None runs ``sdrpn heads``.
         heads_samples: calibration questions of ``sdrpn heads``.
+        heads_layers: the layers ``sdrpn heads`` scores (its ``--layers``; None: its default, the
+            middle third of the model).
         sink_layer, sink_threshold: the attention-sink detector of the labels (the default one,
             the mean attention of every head of ``sink_layer``). LLaVA-1.5 reads it at layer 2,
             below its grounding layer 14. The tiny model grounds at layer 2 already (the target
@@ -75,6 +78,7 @@ class LoopOptions:
     test_samples: int = 500
     heads: str | None = None
     heads_samples: int = 64
+    heads_layers: str | None = None
     sink_layer: int = 5
     sink_threshold: float = 0.02
     start_layer: int = 4
@@ -118,7 +122,8 @@ class Loop:
             self.command("heads", "--model", self.model, "--data", self.data / "train.jsonl", "--image-root", self.data,
                          "--max-samples", self.options.heads_samples, "--batch-size", self.options.batch_size,
                          "--sink-layer", self.options.sink_layer, "--sink-threshold", self.options.sink_threshold,
-                         "--max-new-tokens", 8, "--prompt", PROMPT, "--out", path)
+                         "--max-new-tokens", 8, "--prompt", PROMPT, "--out", path,
+                         *(["--layers", self.options.heads_layers] if self.options.heads_layers else []))
         return str(path)
 
     def label(self, heads: str) -> Path:
@@ -158,16 +163,38 @@ class Loop:
 
         return {str(s.question_id): s.box for s in jsonl.read(self.data, split) if s.box is not None}
 
-    def method_rows(self, results: dict, truths: dict) -> dict[str, dict]:
+    @functools.cached_property
+    def test_truths(self) -> dict[str, tuple]:
+        return self.truths("test")
+
+    @functools.cached_property
+    def test_sizes(self) -> dict[str, tuple[int, int]]:
+        from PIL import Image
+
+        from ..eval.datasets import jsonl
+
+        sizes = {}
+        for sample in jsonl.read(self.data, "test"):
+            with Image.open(sample.image) as image:  # the header only
+                sizes[str(sample.question_id)] = image.size
+        return sizes
+
+    def method_rows(self, results: dict) -> dict[str, dict]:
+        """Each method's accuracy and cost on the test questions and, for the SD-RPN rows, the RoI's
+        IoU and the random-zoom bound of its sizes."""
         from ..eval.runner import read_predictions
+
+        truths, sizes = self.test_truths, self.test_sizes
 
         rows = {}
         for name, summary in results["methods"].items():
             _, records = read_predictions(Path(summary["predictions"]))
-            ious = localisation.prediction_ious(records, truths)
+            zooms = name.startswith("sdrpn")
             rows[name] = {"accuracy": summary["score"], "visual_tokens": summary["mean_visual_tokens"],
                           "samples_per_s": summary["samples_per_s"], "with_roi": summary["with_roi"],
-                          "roi_iou": localisation.mean(ious.values()) if name.startswith("sdrpn") else None}
+                          "roi_iou": localisation.mean(localisation.prediction_ious(records, truths).values())
+                          if zooms else None,
+                          "random_zoom_bound": localisation.random_zoom_bound(records, sizes) if zooms else None}
         return rows
 
     def label_quality(self, labels: Path) -> dict:
@@ -192,10 +219,9 @@ class Loop:
         labels = self.label(heads)
         quality = self.label_quality(labels)
         rpn = self.train(labels, "rpn")
-        test_truths = self.truths("test")
-        main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS), test_truths)
+        main = self.method_rows(self.evaluate("main", rpn, MAIN_METHODS))
         strongest = self.evaluate("strongest-region", rpn, ["sdrpn"], extra=("--max-regions", 1))
-        main[STRONGEST_REGION] = self.method_rows(strongest, test_truths)["sdrpn"]
+        main[STRONGEST_REGION] = self.method_rows(strongest)["sdrpn"]
         summary = {"model": str(self.model), "data": str(self.data),
                    "options": json.loads(json.dumps(asdict(options))),  # as testbed.json holds it
                    "labels": quality, "methods": main,
@@ -209,13 +235,13 @@ class Loop:
             name = f"rpn-{round(100 * fraction)}pct"
             count = max(math.ceil(fraction * quality["valid"]), options.rpn_batch_size + 1)
             trained = self.train(labels, name, steps, "--max-samples", count)
-            rows = self.method_rows(self.evaluate(name, trained, ["sdrpn"]), test_truths)
+            rows = self.method_rows(self.evaluate(name, trained, ["sdrpn"]))
             efficiency[f"{round(100 * fraction)}%"] = {"samples": count, **rows["sdrpn"]}
         efficiency["100%"] = {"samples": quality["valid"], **main["sdrpn"]}
         summary["data_efficiency"] = efficiency
 
         if options.ablation:
-            summary["ablation"] = self.ablation(labels, rpn, steps, test_truths, main["sdrpn"])
+            summary["ablation"] = self.ablation(labels, rpn, steps, main["sdrpn"])
         summary["targets"] = targets(summary)
         summary["seconds"] = {name: round(value, 1) for name, value in self.timings.items()}
         path = self.work / SUMMARY_NAME
@@ -224,7 +250,7 @@ class Loop:
         os.replace(temporary, path)
         return summary
 
-    def ablation(self, labels: Path, rpn: Path, steps, truths: dict, full: dict) -> list[dict]:
+    def ablation(self, labels: Path, rpn: Path, steps, full: dict) -> list[dict]:
         regress = self.train(labels, "rpn-attention-target", steps, "--target", "attention", "--keep-sinks")
         keep_sinks = self.train(labels, "rpn-keep-sinks", steps, "--keep-sinks")
         runs = [
@@ -235,7 +261,7 @@ class Loop:
         ]
         rows = []
         for number, (title, trained, method) in enumerate(runs, start=1):
-            result = self.method_rows(self.evaluate(f"ablation-{number}", trained, [method], strategy="box"), truths)
+            result = self.method_rows(self.evaluate(f"ablation-{number}", trained, [method], strategy="box"))
             rows.append({"row": title, "strategy": "box", **result[method]})
         rows.append({"row": "+ masked upscaling", "strategy": "mask", **full})
         return rows
@@ -258,13 +284,17 @@ def targets(summary: dict) -> dict:
     methods = summary["methods"]
     sdrpn, baseline, scaling = methods["sdrpn"], methods["baseline"], methods["res-scaling"]
     local = summary["localisation"]
+    gain = sdrpn["accuracy"] - baseline["accuracy"]
     return {
-        "sdrpn_minus_baseline_points": round(100 * (sdrpn["accuracy"] - baseline["accuracy"]), 1),
-        "sdrpn_at_least_25_points_above_baseline": sdrpn["accuracy"] - baseline["accuracy"] >= 0.25,
+        "sdrpn_minus_baseline_points": round(100 * gain, 1),
+        "sdrpn_at_least_25_points_above_baseline": gain >= 0.25,
+        "random_zoom_bound_points": round(100 * sdrpn["random_zoom_bound"], 1),
+        "sdrpn_gain_above_random_zoom_bound": gain > sdrpn["random_zoom_bound"],
+        "sdrpn_minus_raw_attention_points": round(100 * (sdrpn["accuracy"] - methods["sdrpn-attention"]["accuracy"]), 1),
         "res_scaling_minus_sdrpn_points": round(100 * (scaling["accuracy"] - sdrpn["accuracy"]), 1),
         "sdrpn_within_10_points_of_res_scaling": scaling["accuracy"] - sdrpn["accuracy"] <= 0.10,
         "sdrpn_visual_tokens_share_of_res_scaling": round(sdrpn["visual_tokens"] / scaling["visual_tokens"], 3),
-        "sdrpn_at_most_a_third_of_res_scaling_tokens": sdrpn["visual_tokens"] <= scaling["visual_tokens"] / 3,
+        "sdrpn_at_most_half_of_res_scaling_tokens": sdrpn["visual_tokens"] <= scaling["visual_tokens"] / 2,
         "rpn_iou_at_least_raw_attention_iou": (local["rpn_test"] or 0.0) >= (local["raw_attention_test"] or 0.0),
     }
 
@@ -275,10 +305,12 @@ def _percent(value) -> str:
 
 def format_report(summary: dict) -> str:
     """Markdown tables of a :func:`run_loop` summary (what the README shows)."""
-    lines = ["| method | accuracy % | visual tokens | samples/s | RoI IoU |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | accuracy % | visual tokens | samples/s | RoI IoU | random zoom of its RoI sizes, "
+             "at most + points |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in summary["methods"].items():
         lines.append(f"| {name} | {_percent(row['accuracy'])} | {row['visual_tokens']:.0f} | "
-                     f"{row['samples_per_s']:.1f} | {_fixed(row['roi_iou'])} |")
+                     f"{row['samples_per_s']:.1f} | {_fixed(row['roi_iou'])} | "
+                     f"{_percent(row.get('random_zoom_bound'))} |")
     local = summary["localisation"]
     lines += ["", "| localisation (box IoU with the ground truth) | IoU |", "|---|---:|"]
     for title, key in (("pseudo-labels (train questions)", "pseudo_labels_train"),

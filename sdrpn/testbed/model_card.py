@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.synthetic import design_of
+
 __all__ = ["model_card", "write_model_card"]
 
 CARD_NAME = "README.md"
@@ -39,17 +41,6 @@ _FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "l
           "vision_steps": "--vision-steps", "refine_steps": "--refine-steps"}
 
 
-def _design(data: dict) -> str | None:
-    """The generator design of a data set's manifest (None: a configuration no design names).
-    Manifests written before designs existed hold the classic configuration or none."""
-    from ..data.synthetic import DEFAULT_DESIGN, DESIGNS, manifest_config
-
-    if "config" not in data:
-        return DEFAULT_DESIGN
-    return next((name for name, config in DESIGNS.items()
-                 if json.loads(json.dumps(manifest_config(config))) == data["config"]), None)
-
-
 def _design_flag(design: str | None) -> str:
     from ..data.synthetic import DEFAULT_DESIGN
 
@@ -74,7 +65,7 @@ def model_card(summary: dict) -> str:
     """The card's Markdown for a ``training.json`` summary."""
     recipe, spec, data, env = summary["recipe"], summary["spec"], summary["data"], summary["environment"]
     splits = ", ".join(f"{count} {split}" for split, count in data["splits"].items())
-    design = _design(data)
+    design = design_of(data)
     return "\n".join([
         "# Tiny LLaVA of the sdrpn testbed",
         "",

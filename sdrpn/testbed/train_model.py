@@ -43,7 +43,8 @@ from .model_card import write_model_card
 from .tiny_model import TinyLlavaSpec, build_model, build_processor
 from .vision_warmup import warm_start_vision
 
-__all__ = ["DESIGN_RECIPES", "TrainModelOptions", "answer_logits", "evaluate", "loss_and_correct", "train_model"]
+__all__ = ["DESIGN_RECIPES", "TrainModelOptions", "answer_logits", "evaluate", "loss_and_correct", "train_model",
+           "trained_design"]
 
 CHECKPOINT = "checkpoint.pt"
 TRAINING_LOG = "training.json"
@@ -372,3 +373,17 @@ def train_model(data_dir: str | Path, out_dir: str | Path, options: TrainModelOp
     if checkpoint.is_file():
         checkpoint.unlink()
     return summary
+
+
+def trained_design(model_dir: str | Path) -> str | None:
+    """The design of the data set a model of :func:`train_model` was trained on, read from its
+    ``training.json``; None without one, or for a configuration that no design names."""
+    from ..data.synthetic import design_of
+
+    path = Path(model_dir) / TRAINING_LOG
+    if not path.is_file():
+        return None
+    try:
+        return design_of(json.loads(path.read_text(encoding="utf-8"))["data"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a training summary of `sdrpn testbed train-model` ({error})") from None
