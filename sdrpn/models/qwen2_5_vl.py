@@ -224,11 +224,12 @@ class Qwen2_5_VLAdapter(LanguageModelAdapter):
         """Each image processed at ``factor``^2 times the pixels of its view in the prompt (``min_pixels
         = max_pixels``, so smart resize lands near ``factor`` times each side): a larger pixel budget,
         the way this family scales resolution."""
-        views = []
+        views, processors = [], {}  # one processor copy per budget: rows of a batch often share a grid
         for image, (rows, cols) in zip(sources.images, grids):
             budget = factor**2 * rows * cols * self.cell_size**2
-            scaled = self.budgeted_image_processor(image_processor, budget, budget)
-            views.append(scaled(images=[image], return_tensors="pt"))
+            if budget not in processors:
+                processors[budget] = self.budgeted_image_processor(image_processor, budget, budget)
+            views.append(processors[budget](images=[image], return_tensors="pt"))
         return {name: torch.cat([view[name] for view in views]) for name in VISION_INPUTS}
 
     def crop_vision_input(self, boxes: torch.Tensor, grids: list[tuple[int, int]], sources, image_processor):
