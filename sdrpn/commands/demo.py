@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
         _answer(predictor, samples[0])
     answered = [Answered(sample, _answer(baseline, sample), _answer(sdrpn, sample)) for sample in samples]
 
-    print(f"{len(samples)} test questions of the synthetic testbed ({design} design, seed {args.seed}); model {args.model}, "
-          f"RPN {args.rpn}, threshold {threshold:g}, device {engine.adapter.device}")
+    print(f"{len(samples)} test questions of the synthetic testbed ({design} design, seed {args.seed}); "
+          f"model {args.model}, RPN {args.rpn}, threshold {threshold:g}, device {engine.adapter.device}")
     print(format_table(answered))
     print(format_summary(answered))
     images = _write_images(answered, args.out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.synthetic import design_of
+from ..data.synthetic import DEFAULT_DESIGN, design_of
 
 __all__ = ["model_card", "write_model_card"]
 
@@ -42,8 +42,6 @@ _FLAGS = {"seed": "--seed", "steps": "--steps", "batch_size": "--batch-size", "l
 
 
 def _design_flag(design: str | None) -> str:
-    from ..data.synthetic import DEFAULT_DESIGN
-
     return f" --design {design}" if design not in (None, DEFAULT_DESIGN) else ""
 
 
