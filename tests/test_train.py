@@ -57,8 +57,8 @@ def test_bce_and_iou_skip_ignored_cells():
     assert stats["intersection"] == 2 and stats["union"] == 4
 
 
-def test_roi_ious_follow_the_engines_blurred_mask():
-    from sdrpn.ops import reference
+def test_roi_ious_score_the_cells_the_engines_second_view_shows():
+    from sdrpn.roi import RoIOptions, propose
 
     grid = (4, 4)
     logits = torch.randn(3, 16) * 3
@@ -68,16 +68,16 @@ def test_roi_ious_follow_the_engines_blurred_mask():
     sums = roi_iou_sums(logits, labels, grid, thresholds)
     keep = labels != IGNORE_INDEX
     for row, threshold in enumerate(thresholds):
-        _, mask = reference.roi_mask(logits.view(3, *grid), threshold)
-        mask = mask.flatten(1) & keep
-        ious = [float((m & (l == 1)).sum()) / max(float((m | (l == 1)).sum()), 1.0) for m, l in zip(mask, labels)]
+        shown = propose(logits.view(3, *grid), grid, RoIOptions(threshold=threshold)).cells.flatten(1) & keep
+        ious = [float((m & (l == 1)).sum()) / max(float((m | (l == 1)).sum()), 1.0) for m, l in zip(shown, labels)]
         assert float(sums[row]) == pytest.approx(sum(ious))
 
 
 def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
     # A sure 2x2 foreground block in a 6x6 grid. Blurred, the block stays at 0.527, its edge
     # neighbours fall to 0.199 and its corner neighbours to 0.075: every threshold from 0.2 to 0.5
-    # gives the block exactly, lower ones add neighbours.
+    # gives the block exactly; lower ones add neighbours, one component whose box (4x4) the
+    # engine's box upscaling shows.
     labels = torch.zeros(1, 36, dtype=torch.long)
     block = [14, 15, 20, 21]
     labels[0, block] = 1
@@ -86,9 +86,23 @@ def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
     means = roi_iou_sums(logits, labels, (6, 6)).tolist()  # one sample: the sums are the means
     ious = dict(zip(CALIBRATION_THRESHOLDS, means))
     assert [ious[t] for t in (0.2, 0.3, 0.4, 0.5)] == [1.0] * 4
-    assert ious[0.15] == pytest.approx(4 / 12) and ious[0.05] == pytest.approx(4 / 16)
+    assert ious[0.15] == pytest.approx(4 / 16) and ious[0.05] == pytest.approx(4 / 16)
     assert calibrated_threshold(means) == 0.5  # the largest of the tied best
     assert calibrated_threshold([0.5, 0.75, 0.0], (0.1, 0.2, 0.3)) == 0.2
+
+
+def test_calibration_scores_a_lone_cell_as_no_roi():
+    # One sure cell, labelled foreground. Blurred it reads 0.204, its edge neighbours 0.124 and its
+    # corner ones 0.075. At 0.2 the mask is that cell alone, a component of area 1 that the engine
+    # drops as noise: no RoI, IoU 0 (a plain mask IoU would say 1). At 0.1 the cell and its four
+    # edge neighbours make one component; the engine shows its 3x3 box: IoU 1/9.
+    labels = torch.zeros(1, 36, dtype=torch.long)
+    labels[0, 14] = 1
+    logits = torch.full((1, 36), -12.0)
+    logits[0, 14] = 12.0
+    ious = dict(zip(CALIBRATION_THRESHOLDS, roi_iou_sums(logits, labels, (6, 6)).tolist()))
+    assert ious[0.2] == 0.0 and ious[0.1] == pytest.approx(1 / 9)
+    assert calibrated_threshold(list(ious.values())) == 0.1
 
 
 def test_a_threshold_on_an_end_of_the_search_range_is_warned_about():

@@ -24,8 +24,9 @@ The RPN records the conversation template of the labels (sdrpn label --prompt), 
 tokens start and the processor's base view geometry; generate, show, eval and demo use them.
 Its default RoI threshold is the authors' for the family (0.15 LLaVA-1.5, 0.25 Qwen; --threshold sets
 another). A threshold calibrated on
-the held-out samples is saved beside it: of 0.01 .. 0.5, the one whose blurred RoI masks best
-overlap the foreground labels; the other commands use it with --threshold calibrated."""
+the held-out samples is saved beside it: of 0.01 .. 0.5, the one whose RoIs (the cells the engine's
+second view shows, no RoI where a map's only component is dropped as noise) best overlap the
+foreground labels; the other commands use it with --threshold calibrated."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

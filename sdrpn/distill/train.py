@@ -61,6 +61,7 @@ from .. import distributed
 from ..errors import UserError
 from ..models.base import ModelAdapter
 from ..prompts import PROCESSOR_TEMPLATE, PromptTemplate, template_for, template_named
+from ..roi import RoIOptions, propose
 from .label_job import label_template
 from .labels import IGNORE_INDEX, assign_labels, is_valid
 from .records import RecordProblem, open_rgb_image
@@ -423,16 +424,19 @@ def roi_statistics(logits: torch.Tensor, labels: torch.Tensor, threshold: float)
 def roi_iou_sums(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
                  thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> torch.Tensor:
     """(len(thresholds),) float64: for each threshold t, the per-sample IoU, over the non-ignored
-    cells, of the engine's RoI mask (sigmoid, 3x3 blur, ``> t``) with the fg labels, summed over the
-    batch. A sample without a RoI scores 0, as in the testbed's localisation IoU."""
-    from .. import ops
-
-    prob, _ = ops.roi_mask(logits.float().reshape(-1, *grid), 0.5)
-    cuts = torch.tensor(thresholds, device=prob.device).view(-1, 1, 1)
-    predicted = (prob.flatten(1).unsqueeze(0) > cuts) & (labels != IGNORE_INDEX)
+    cells, of the cells the engine's second view shows at t (:func:`sdrpn.roi.propose` with the
+    default post-processing: blur, threshold, the component area rules, box or masked upscaling)
+    with the fg labels, summed over the batch. A sample without a RoI scores 0, as in the testbed's
+    localisation IoU: a map whose only component is a single cell (dropped as noise) counts as none."""
+    keep = labels != IGNORE_INDEX
     foreground = labels == 1
-    iou = (predicted & foreground).sum(dim=2) / (predicted | foreground).sum(dim=2).clamp_min(1)
-    return iou.double().sum(dim=1).cpu()
+    sums = []
+    for threshold in thresholds:
+        shown = propose(logits.float().reshape(-1, *grid), grid, RoIOptions(threshold=threshold)).cells
+        predicted = shown.flatten(1) & keep
+        iou = (predicted & foreground).sum(dim=1) / (predicted | foreground).sum(dim=1).clamp_min(1)
+        sums.append(iou.double().sum())
+    return torch.stack(sums).cpu()
 
 
 def calibrated_threshold(mean_ious: Sequence[float], thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> float:
@@ -625,7 +629,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out BCE (mean over labelled cells), IoU of the predicted masks with the fg labels, and
-        the mean IoU of the engine's RoI masks at each calibration threshold."""
+        the mean IoU of the cells the engine's RoI views show at each calibration threshold."""
         self.rpn.eval()
         totals = {"bce": 0.0, "cells": 0, "intersection": 0.0, "union": 0.0,
                   "iou_sums": torch.zeros(len(CALIBRATION_THRESHOLDS), dtype=torch.float64)}
@@ -664,8 +668,8 @@ def _calibrated_threshold(trainer: Trainer, final: dict | None) -> float | None:
     chosen = calibrated_threshold(ious)
     if trainer.context.is_main:
         iou = ious[CALIBRATION_THRESHOLDS.index(chosen)]
-        print(f"calibrated RoI threshold {chosen:g} on the held-out labels (IoU {iou:.4f} of the blurred RoI "
-              f"mask with their foreground); saved as calibrated_threshold, used with --threshold calibrated "
+        print(f"calibrated RoI threshold {chosen:g} on the held-out labels (IoU {iou:.4f} of the cells the "
+              f"engine's RoI view shows with their foreground); saved as calibrated_threshold, used with --threshold calibrated "
               f"(the default stays {trainer.rpn.threshold:g})", file=sys.stderr)
         edge = _range_edge_warning(chosen, max(ious))
         if edge:
