@@ -15,6 +15,7 @@ from helpers.tiny_models import save_tiny_llava, tiny_llava, tiny_processor
 from sdrpn import RPN, SDRPN
 from sdrpn.models.geometry import ImageGeometry
 from sdrpn.rpn import DEFAULT_THRESHOLD
+from sdrpn.testbed.loop import FINE_DETAIL_THRESHOLD
 from sdrpn.testbed.shipped import SHIPPED_MODEL, SHIPPED_RPN
 from test_cli import run_cli, write_jsonl_benchmark
 
@@ -67,12 +68,13 @@ def shipped():
 def test_the_engine_uses_the_default_threshold_unless_asked_for_the_calibrated_one(shipped):
     model, processor = shipped
     rpn = RPN.from_pretrained(SHIPPED_RPN, model)
-    assert rpn.calibrated_threshold == 0.1  # the testbed loop's calibration, kept from its old config
-    assert SDRPN(model, rpn, processor).options.threshold == 0.15
+    # The testbed loop saves its RPNs with the authors' fine-detail threshold and calibrates another.
+    assert rpn.threshold == FINE_DETAIL_THRESHOLD and rpn.calibrated_threshold == 0.15
+    assert SDRPN(model, rpn, processor).options.threshold == FINE_DETAIL_THRESHOLD
     engine = SDRPN(model, rpn, processor, threshold="calibrated")
-    assert engine.options.threshold == 0.1
+    assert engine.options.threshold == 0.15
     inputs = processor(images=[Image.new("RGB", (96, 96))], text=[engine.prompt("q?")], return_tensors="pt")
-    assert SDRPN(model, rpn, processor)._options("calibrated", None).threshold == 0.1  # per call, too
+    assert SDRPN(model, rpn, processor)._options("calibrated", None).threshold == 0.15  # per call, too
     prediction = SDRPN(model, rpn, processor).predict_roi(**inputs, threshold="calibrated")
     torch.testing.assert_close(prediction.mask, engine.predict_roi(**inputs).mask)
 

@@ -139,7 +139,7 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
     from test_label_job import save_labelling_model
 
     from sdrpn.data.synthetic import generate_dataset
-    from sdrpn.testbed.loop import MAIN_METHODS, STRONGEST_REGION, LoopOptions, run_loop
+    from sdrpn.testbed.loop import CALIBRATED, FINE_DETAIL_THRESHOLD, MAIN_METHODS, STRONGEST_REGION, LoopOptions, run_loop
 
     model = save_labelling_model(tmp_path / "model")
     data = tmp_path / "data"
@@ -149,10 +149,16 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
     work = tmp_path / "work"
     summary = run_loop(model, data, work, options, progress=False)
 
-    assert set(summary["methods"]) == {*MAIN_METHODS, STRONGEST_REGION}
+    assert set(summary["methods"]) == {*MAIN_METHODS, STRONGEST_REGION, CALIBRATED}
+    # Every RPN keeps the fine-detail threshold as its default; one row uses the calibrated one.
+    assert json.loads((work / "rpn" / "config.json").read_text())["threshold"] == FINE_DETAIL_THRESHOLD
+    calibrated = json.loads((work / "rpn" / "config.json").read_text())["calibrated_threshold"]
+    assert summary["methods"][CALIBRATED]["threshold"] == calibrated
+    assert f"| {CALIBRATED} ({calibrated:g}) |" in format_report(summary)
     assert summary["methods"][STRONGEST_REGION]["roi_iou"] is not None
     strongest = (work / "eval" / "strongest-region.sdrpn.jsonl").read_text().splitlines()
     assert json.loads(strongest[0])["settings"]["max_regions"] == 1
+    assert json.loads(strongest[0])["settings"]["threshold"] == FINE_DETAIL_THRESHOLD
     assert all(len(json.loads(line)["boxes"]) <= 1 for line in strongest[1:])
     assert summary["labels"]["labelled"] == 40 and summary["labels"]["valid"] >= 16
     for row in [*summary["methods"].values(), *summary["data_efficiency"].values(), *summary["ablation"]]:

@@ -18,10 +18,11 @@ of the train and validation images are *coarse*: larger shapes (128-168 pixels) 
 twice as large, readable at the base resolution. Their records have ``"subset": "coarse"``,
 the others ``"fine"``; the test split holds fine questions only.
 
-That is the ``"classic"`` design, the shipped model's. :data:`DESIGNS` names the others: in
+That is the ``"classic"`` design, the default. :data:`DESIGNS` names the others: in
 ``"one-detail"`` only the named shape holds a number (the other shapes are blank), its colour is
 unique, and the number is drawn at 4 pixels per font pixel (about 5 pixels tall at 96 pixels):
-the answer has one place to look, shown by the question and by the image alike.
+the answer has one place to look, shown by the question and by the image alike. The shipped
+testbed model was trained on ``"one-detail"``.
 
 Shapes are placed inside the central square of the image, the part that a processor which resizes
 the short side and centre-crops (llava-hf) keeps; images have several aspect ratios, portrait and
@@ -318,7 +319,7 @@ def _place(rng: np.random.Generator, sizes: list[int], area, gap: int) -> list[t
     return boxes
 
 
-# Named designs of the data set. "classic" is the one the shipped model was trained on. In
+# Named designs of the data set. "one-detail" is the one the shipped model was trained on. In
 # "one-detail" only the named shape holds a number, so the answer's attention has one place to go
 # (the image shows it as well as the question), its colour is unique, and the number is drawn a
 # little larger: still unreadable at the base resolution, readable in a zoomed view.
