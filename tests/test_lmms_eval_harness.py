@@ -24,7 +24,7 @@ TASK = "sdrpn_synthetic"
 # (method, model_args beyond pretrained): the baseline runs without an RPN, in the RPN's template.
 RUNS = {
     "baseline": "method=baseline,prompt=processor",
-    "sdrpn": f"rpn={SHIPPED_RPN},method=sdrpn,threshold=calibrated",
+    "sdrpn": f"rpn={SHIPPED_RPN},method=sdrpn",
 }
 
 
@@ -37,11 +37,11 @@ def run(command: list[str], cwd, log) -> None:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from sdrpn.data.synthetic import generate_dataset
+    from sdrpn.data.synthetic import DESIGNS, generate_dataset
     from sdrpn.integrations.lmms_task import write_jsonl_task
 
     work = tmp_path_factory.mktemp("harness")
-    generate_dataset(work / "data", 0, 0, QUESTIONS, seed=0, progress=False)
+    generate_dataset(work / "data", 0, 0, QUESTIONS, seed=0, config=DESIGNS["one-detail"], progress=False)
     write_jsonl_task(work / "data", work / "tasks", task=TASK)
     return work
 
@@ -52,7 +52,7 @@ def sdrpn_eval(work) -> dict[str, list[dict]]:
     out = work / "sdrpn-eval"
     run([sys.executable, "-m", "sdrpn", "eval", "--model", str(SHIPPED_MODEL), "--rpn", str(SHIPPED_RPN),
          "--benchmark", "jsonl", "--data", str(work / "data" / "test.jsonl"), "--method", *RUNS,
-         "--threshold", "calibrated", "--batch-size", "4", "--out", str(out / "results.json"), "--no-progress"],
+         "--batch-size", "4", "--out", str(out / "results.json"), "--no-progress"],
         work, work / "sdrpn-eval.log")
     return {method: [json.loads(line) for line in (out / f"results.{method}.jsonl").read_text().splitlines()[1:]]
             for method in RUNS}
