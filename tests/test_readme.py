@@ -58,7 +58,7 @@ def tiny_journey() -> list[str]:
 
 # The tiny journey scaled down to run in a test: fewer questions, and a batch the few labels fill.
 SMALLER = {"--train 2000 --val 100 --test 200": "--train 64 --val 0 --test 8", "--max-samples 64": "--max-samples 16",
-           "--max-samples 1000": "--max-samples 64", "--batch-size 64": "--batch-size 8", "--limit 100": "--limit 8"}
+           "--max-samples 1000": "--max-samples 64", "--batch-size 32": "--batch-size 8", "--limit 100": "--limit 8"}
 
 
 def test_the_tiny_journey_runs_as_written(tmp_path, monkeypatch):
