@@ -214,7 +214,7 @@ def test_the_shipped_rpn_keeps_the_processors_template_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         engine = SDRPN(model, SHIPPED_RPN, processor)
-        assert engine.rpn.config["prompt"] is None and engine.prompt_template.name == "processor"
+        assert engine.rpn.config["prompt"]["name"] == "processor" and engine.prompt_template.name == "processor"
         assert engine.prompt("q?") == chat(processor, "q?")  # the prompts it was trained with
         inputs = processor(images=[Image.new("RGB", (96, 96))], text=[TEMPLATES["plain"].render("q?", processor)],
                            return_tensors="pt")
