@@ -139,7 +139,8 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
     from test_label_job import save_labelling_model
 
     from sdrpn.data.synthetic import generate_dataset
-    from sdrpn.testbed.loop import CALIBRATED, FINE_DETAIL_THRESHOLD, MAIN_METHODS, STRONGEST_REGION, LoopOptions, run_loop
+    from sdrpn.testbed.loop import (CALIBRATED, FINE_DETAIL_THRESHOLD, MAIN_METHODS, STRONGEST_REGION, LoopOptions,
+                                    run_loop)
 
     model = save_labelling_model(tmp_path / "model")
     data = tmp_path / "data"

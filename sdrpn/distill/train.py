@@ -669,8 +669,8 @@ def _calibrated_threshold(trainer: Trainer, final: dict | None) -> float | None:
     if trainer.context.is_main:
         iou = ious[CALIBRATION_THRESHOLDS.index(chosen)]
         print(f"calibrated RoI threshold {chosen:g} on the held-out labels (IoU {iou:.4f} of the cells the "
-              f"engine's RoI view shows with their foreground); saved as calibrated_threshold, used with --threshold calibrated "
-              f"(the default stays {trainer.rpn.threshold:g})", file=sys.stderr)
+              f"engine's RoI view shows with their foreground); saved as calibrated_threshold, used with "
+              f"--threshold calibrated (the default stays {trainer.rpn.threshold:g})", file=sys.stderr)
         edge = _range_edge_warning(chosen, max(ious))
         if edge:
             print(f"sdrpn train: warning: {edge}", file=sys.stderr)

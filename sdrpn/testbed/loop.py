@@ -232,7 +232,8 @@ class Loop:
         strongest = self.evaluate("strongest-region", rpn, ["sdrpn"], extra=("--max-regions", 1))
         main[STRONGEST_REGION] = self.method_rows(strongest)["sdrpn"]
         calibrated = self.evaluate("calibrated-threshold", rpn, ["sdrpn"], threshold="calibrated")
-        main[CALIBRATED] = {**self.method_rows(calibrated)["sdrpn"], "threshold": calibrated["methods"]["sdrpn"]["settings"]["threshold"]}
+        main[CALIBRATED] = {**self.method_rows(calibrated)["sdrpn"],
+                            "threshold": calibrated["methods"]["sdrpn"]["settings"]["threshold"]}
         summary = {"model": str(self.model), "data": str(self.data),
                    "options": json.loads(json.dumps(asdict(options))),  # as testbed.json holds it
                    "labels": quality, "methods": main,
