@@ -297,6 +297,7 @@ def test_bad_calls_are_refused(tiny, batch):
         engine.generate(input_ids=broken, pixel_values=inputs["pixel_values"], images=images)
 
 
+@pytest.mark.filterwarnings("error:.*lru_cache:UserWarning")  # dynamo traces what stage 1 calls as it is
 def test_compiled_stage1_gives_the_same_result(tiny, batch):
     model, processor, engine = tiny
     inputs, images = batch

@@ -144,12 +144,18 @@ def decoder_attention_mask(
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)  # one pass, in ``dtype``
 
 
-@functools.lru_cache(maxsize=None)
+# Decoder layer class -> its cache keyword. A plain dict, not functools.lru_cache: dynamo reads a
+# dict while tracing, and warns that it traces through an lru_cache wrapper.
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
 def cache_keyword(layer_type: type) -> str:
     """The decoder layer's name for its key/value cache argument: ``cache`` in newer transformers,
     ``past_key_values`` before (the newer versions still take it, with a deprecation warning)."""
-    parameters = inspect.signature(layer_type.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    if layer_type not in _CACHE_KEYWORDS:
+        parameters = inspect.signature(layer_type.forward).parameters
+        _CACHE_KEYWORDS[layer_type] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_KEYWORDS[layer_type]
 
 
 def run_decoder_layers(
