@@ -152,8 +152,9 @@ def test_loop_runs_every_experiment_and_resumes(tmp_path):
 
     assert set(summary["methods"]) == {*MAIN_METHODS, STRONGEST_REGION, CALIBRATED}
     # Every RPN keeps the fine-detail threshold as its default; one row uses the calibrated one.
-    assert json.loads((work / "rpn" / "config.json").read_text())["threshold"] == FINE_DETAIL_THRESHOLD
-    calibrated = json.loads((work / "rpn" / "config.json").read_text())["calibrated_threshold"]
+    config = json.loads((work / "rpn" / "config.json").read_text())
+    assert config["threshold"] == FINE_DETAIL_THRESHOLD
+    calibrated = config["calibrated_threshold"]
     assert summary["methods"][CALIBRATED]["threshold"] == calibrated
     assert f"| {CALIBRATED} ({calibrated:g}) |" in format_report(summary)
     assert summary["methods"][STRONGEST_REGION]["roi_iou"] is not None

@@ -30,6 +30,7 @@ from sdrpn.distill.train import (
     training_target,
 )
 from sdrpn.errors import UserError
+from sdrpn.roi import RoIOptions, propose
 from test_label_job import Labeller, label_options, read_records, run_label_job, sharpened_tiny_llava, \
     write_images, write_plain_jsonl
 
@@ -58,7 +59,6 @@ def test_bce_and_iou_skip_ignored_cells():
 
 
 def test_roi_ious_score_the_cells_the_engines_second_view_shows():
-    from sdrpn.roi import RoIOptions, propose
 
     grid = (4, 4)
     logits = torch.randn(3, 16) * 3
@@ -89,6 +89,9 @@ def test_calibration_picks_the_best_overlap_and_the_largest_on_a_tie():
     assert ious[0.15] == pytest.approx(4 / 16) and ious[0.05] == pytest.approx(4 / 16)
     assert calibrated_threshold(means) == 0.5  # the largest of the tied best
     assert calibrated_threshold([0.5, 0.75, 0.0], (0.1, 0.2, 0.3)) == 0.2
+    # Qwen's engine always shows the mask itself (masked upscaling): the 12 cells, not their box.
+    masked = roi_iou_sums(logits, labels, (6, 6), roi_options=RoIOptions(strategy="masked")).tolist()
+    assert dict(zip(CALIBRATION_THRESHOLDS, masked))[0.15] == pytest.approx(4 / 12)
 
 
 def test_calibration_scores_a_lone_cell_as_no_roi():

@@ -422,17 +422,20 @@ def roi_statistics(logits: torch.Tensor, labels: torch.Tensor, threshold: float)
 
 
 def roi_iou_sums(logits: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
-                 thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> torch.Tensor:
+                 thresholds: Sequence[float] = CALIBRATION_THRESHOLDS,
+                 roi_options: RoIOptions = RoIOptions()) -> torch.Tensor:
     """(len(thresholds),) float64: for each threshold t, the per-sample IoU, over the non-ignored
-    cells, of the cells the engine's second view shows at t (:func:`sdrpn.roi.propose` with the
-    default post-processing: blur, threshold, the component area rules, box or masked upscaling)
-    with the fg labels, summed over the batch. A sample without a RoI scores 0, as in the testbed's
-    localisation IoU: a map whose only component is a single cell (dropped as noise) counts as none."""
+    cells, of the cells the engine's second view shows at t (:func:`sdrpn.roi.propose` with
+    ``roi_options``, the family's post-processing, at t: blur, threshold, the component area rules,
+    box or masked upscaling) with the fg labels, summed over the batch. A sample without a RoI
+    scores 0, as in the testbed's localisation IoU: a map whose only component is a single cell
+    (dropped as noise) counts as none."""
+    maps = logits.float().reshape(-1, *grid)
     keep = labels != IGNORE_INDEX
     foreground = labels == 1
     sums = []
     for threshold in thresholds:
-        shown = propose(logits.float().reshape(-1, *grid), grid, RoIOptions(threshold=threshold)).cells
+        shown = propose(maps, grid, replace(roi_options, threshold=threshold)).cells
         predicted = shown.flatten(1) & keep
         iou = (predicted & foreground).sum(dim=1) / (predicted | foreground).sum(dim=1).clamp_min(1)
         sums.append(iou.double().sum())
@@ -635,6 +638,7 @@ class Trainer:
                   "iou_sums": torch.zeros(len(CALIBRATION_THRESHOLDS), dtype=torch.float64)}
         mine = self.held_out[self.context.rank::self.context.world_size]
         size = max(1, self.options.batch_size // (self.context.world_size * self.options.grad_accum))
+        roi_options = RoIOptions(**self.adapter.roi_defaults)  # the engine's, for this family
         for start in range(0, len(mine), size):
             features = self.backbone(mine[start:start + size], self.device)
             with self._autocast():
@@ -642,7 +646,7 @@ class Trainer:
                                   features.attention_mask, rope_position_ids=features.rope_position_ids)
             for key, value in roi_statistics(logits, features.labels, self.options.iou_threshold).items():
                 totals[key] += value
-            totals["iou_sums"] += roi_iou_sums(logits, features.labels, self.rpn.image_grid)
+            totals["iou_sums"] += roi_iou_sums(logits, features.labels, self.rpn.image_grid, roi_options=roi_options)
         self.rpn.train()
         merged = {key: sum(part[key] for part in distributed.gather_objects(totals)) for key in totals}
         return {"step": self.step, "held_out_bce": merged["bce"] / max(merged["cells"], 1),
